@@ -1,0 +1,495 @@
+//! The guest end of the bus: what `vmbus_drv` and `hv_utils` do when a host offers channels.
+//!
+//! The client keeps one control stream to the host. It negotiates a VMBus version, asks for
+//! the offers, and for every offer whose class it has a driver for, opens the channel (a
+//! stream of its own), creates the driver and shows its device node through the frontend. A
+//! rescind undoes that in the kernel's order: the driver's deinit (which for the 6.1 hvutil
+//! transport waits until the daemon closes its fd), then the node goes, then the channel is
+//! closed and the relid released.
+//!
+//! If the host goes away, every channel is treated as rescinded and the client reconnects:
+//! the node disappears while there is no host, as it would in a guest whose VMBus went away.
+
+use std::collections::HashMap;
+use std::io;
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::Duration;
+
+use log::{debug, error, info, warn};
+use vmbus::address::BusAddress;
+use vmbus::channel_msg::ChannelMessage;
+use vmbus::guid::Guid;
+use vmbus::stream::{kind, Hello, Role};
+
+use super::channel::{ChannelDriver, HostChannel, InboundPacket, InboundRing};
+use super::frame_io::{read_frame, write_frame, FrameError};
+use crate::device::Device;
+use crate::devices::fcopy::HvFcopy;
+use crate::profile::KernelProfile;
+
+/// VMBus versions the guest asks for, newest first (drivers/hv/connection.c tries each until
+/// the host accepts one).
+const VMBUS_VERSIONS: [u32; 6] = [
+    5 << 16 | 3,
+    5 << 16 | 2,
+    5 << 16 | 1,
+    5 << 16,
+    4 << 16 | 1,
+    4 << 16,
+];
+
+/// Ring data area of a util channel in 6.1: `VMBUS_RING_SIZE(3 * 4096)` minus the header page.
+const UTIL_RING_BYTES: usize = 2 * 4096;
+
+/// Where device nodes come and go: implemented by each frontend.
+pub trait DeviceRegistry: Send + Sync {
+    /// Makes the device's node appear (misc_register).
+    fn add_device(&self, device: Arc<dyn Device>) -> Result<(), String>;
+    /// Makes the node disappear (misc_deregister); open files keep working.
+    fn remove_device(&self, name: &str);
+}
+
+/// Why the client could not talk to the host.
+#[derive(Debug, thiserror::Error)]
+pub enum BusError {
+    #[error("cannot connect to the host at {addr}: {source}")]
+    Connect { addr: BusAddress, source: io::Error },
+    #[error("the host at {addr} refused every VMBus version we offered")]
+    NoVersion { addr: BusAddress },
+    #[error("{0} addresses are not supported by this build (vsock comes with the vhost backend)")]
+    Unsupported(BusAddress),
+    #[error("control stream: {0}")]
+    Frame(#[from] FrameError),
+    #[error("host sent {0} where the protocol does not allow it")]
+    Protocol(String),
+}
+
+/// The guest side of the bus.
+pub struct BusClient {
+    addr: BusAddress,
+    profile: KernelProfile,
+    registry: Arc<dyn DeviceRegistry>,
+}
+
+/// A bound channel: its driver, its node name, its stream.
+struct BoundChannel {
+    driver: Arc<dyn ChannelDriver>,
+    device_name: String,
+    ring: Arc<InboundRing>,
+    stream: UnixStream,
+}
+
+/// State shared by the control loop and the threads that open and tear down channels.
+struct Session {
+    addr: BusAddress,
+    profile: KernelProfile,
+    registry: Arc<dyn DeviceRegistry>,
+    control: Mutex<UnixStream>,
+    pending_opens: Mutex<HashMap<u32, mpsc::Sender<u32>>>,
+    channels: Mutex<HashMap<u32, BoundChannel>>,
+    next_open_id: AtomicU32,
+}
+
+impl BusClient {
+    pub fn new(
+        addr: BusAddress,
+        profile: KernelProfile,
+        registry: Arc<dyn DeviceRegistry>,
+    ) -> BusClient {
+        BusClient {
+            addr,
+            profile,
+            registry,
+        }
+    }
+
+    /// Serves the bus for as long as the process lives: connects (waiting for the host if it
+    /// is not up yet), runs the session, and after the host goes away starts again.
+    pub fn run(&self) -> Result<(), BusError> {
+        let mut delay = Duration::from_millis(100);
+        let mut announced_wait = false;
+        loop {
+            let stream = match self.connect() {
+                Ok(stream) => stream,
+                Err(BusError::Connect { source, .. })
+                    if matches!(
+                        source.kind(),
+                        io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
+                    ) =>
+                {
+                    if !announced_wait {
+                        info!(
+                            "waiting for the host at {} ({source}); is `fakehost serve` running?",
+                            self.addr
+                        );
+                        announced_wait = true;
+                    }
+                    thread::sleep(delay);
+                    delay = (delay * 2).min(Duration::from_secs(2));
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            delay = Duration::from_millis(100);
+            announced_wait = false;
+            let session = Arc::new(Session {
+                addr: self.addr.clone(),
+                profile: self.profile,
+                registry: self.registry.clone(),
+                control: Mutex::new(stream.try_clone().map_err(|source| BusError::Connect {
+                    addr: self.addr.clone(),
+                    source,
+                })?),
+                pending_opens: Mutex::new(HashMap::new()),
+                channels: Mutex::new(HashMap::new()),
+                next_open_id: AtomicU32::new(1),
+            });
+            match session.run(stream) {
+                Ok(()) => warn!("the host at {} closed the bus", self.addr),
+                Err(BusError::NoVersion { addr }) => return Err(BusError::NoVersion { addr }),
+                Err(e) => warn!("bus session with {} ended: {e}", self.addr),
+            }
+            session.rescind_all();
+            info!("reconnecting to {}", self.addr);
+        }
+    }
+
+    fn connect(&self) -> Result<UnixStream, BusError> {
+        let path = match &self.addr {
+            BusAddress::Unix(path) => path,
+            other => return Err(BusError::Unsupported(other.clone())),
+        };
+        let mut stream = UnixStream::connect(path).map_err(|source| BusError::Connect {
+            addr: self.addr.clone(),
+            source,
+        })?;
+        let hello = Hello {
+            role: Role::Control,
+            child_relid: 0,
+            open_id: 0,
+        };
+        write_frame(&mut stream, kind::HELLO, &hello.encode()).map_err(|source| {
+            BusError::Connect {
+                addr: self.addr.clone(),
+                source,
+            }
+        })?;
+        Ok(stream)
+    }
+}
+
+impl Session {
+    fn send_control(&self, message: &ChannelMessage) -> io::Result<()> {
+        let mut control = self.control.lock().unwrap_or_else(|e| e.into_inner());
+        write_frame(&mut *control, kind::CONTROL, &message.encode())
+    }
+
+    fn run(self: &Arc<Self>, mut stream: UnixStream) -> Result<(), BusError> {
+        self.negotiate_version(&mut stream)?;
+        self.send_control(&ChannelMessage::RequestOffers)
+            .map_err(FrameError::from)?;
+        loop {
+            let message = match read_control(&mut stream)? {
+                Some(message) => message,
+                None => return Ok(()),
+            };
+            match message {
+                ChannelMessage::Offer {
+                    if_type,
+                    if_instance,
+                    child_relid,
+                    ..
+                } => self.on_offer(if_type, if_instance, child_relid),
+                ChannelMessage::AllOffersDelivered => debug!("host: all offers delivered"),
+                ChannelMessage::OpenResult {
+                    child_relid,
+                    status,
+                    ..
+                } => {
+                    let waiter = self
+                        .pending_opens
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .remove(&child_relid);
+                    match waiter {
+                        Some(waiter) => {
+                            let _ = waiter.send(status);
+                        }
+                        None => warn!("host answered an open of relid {child_relid} nobody asked for; ignored"),
+                    }
+                }
+                ChannelMessage::Rescind { child_relid } => {
+                    let session = self.clone();
+                    thread::spawn(move || session.rescind(child_relid));
+                }
+                other => warn!("host sent {other:?} on the control stream; ignored"),
+            }
+        }
+    }
+
+    fn negotiate_version(&self, stream: &mut UnixStream) -> Result<(), BusError> {
+        for version in VMBUS_VERSIONS {
+            self.send_control(&ChannelMessage::InitiateContact { version })
+                .map_err(FrameError::from)?;
+            match read_control(stream)? {
+                Some(ChannelMessage::VersionResponse {
+                    supported: true, ..
+                }) => {
+                    info!(
+                        "connected to the host at {}: VMBus {}.{}",
+                        self.addr,
+                        version >> 16,
+                        version & 0xffff
+                    );
+                    return Ok(());
+                }
+                Some(ChannelMessage::VersionResponse {
+                    supported: false, ..
+                }) => continue,
+                Some(other) => {
+                    return Err(BusError::Protocol(format!(
+                        "{other:?} before VERSION_RESPONSE"
+                    )))
+                }
+                None => {
+                    return Err(BusError::Protocol(
+                        "end of stream before VERSION_RESPONSE".into(),
+                    ))
+                }
+            }
+        }
+        Err(BusError::NoVersion {
+            addr: self.addr.clone(),
+        })
+    }
+
+    fn on_offer(self: &Arc<Self>, if_type: Guid, if_instance: Guid, child_relid: u32) {
+        if if_type != Guid::FCOPY {
+            info!(
+                "host offers {} ({if_type}), relid {child_relid}: no driver for it here, left alone",
+                if_type.service_name().unwrap_or("an unknown service")
+            );
+            return;
+        }
+        info!("host offers fcopy (instance {if_instance}), relid {child_relid}");
+        // Opening waits for OPENCHANNEL_RESULT, which this thread's caller (the control loop)
+        // delivers: do it on a thread of its own.
+        let session = self.clone();
+        thread::spawn(move || {
+            if let Err(e) = session.open_fcopy(child_relid) {
+                error!("cannot bind fcopy on relid {child_relid}: {e}");
+            }
+        });
+    }
+
+    fn open_fcopy(self: &Arc<Self>, child_relid: u32) -> Result<(), String> {
+        let open_id = self.next_open_id.fetch_add(1, Ordering::Relaxed);
+        let (answer_tx, answer_rx) = mpsc::channel();
+        self.pending_opens
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(child_relid, answer_tx);
+        self.send_control(&ChannelMessage::OpenChannel {
+            child_relid,
+            open_id,
+        })
+        .map_err(|e| format!("sending OPENCHANNEL: {e}"))?;
+        let status = answer_rx
+            .recv_timeout(Duration::from_secs(30))
+            .map_err(|_| "the host did not answer OPENCHANNEL".to_string())?;
+        if status != 0 {
+            return Err(format!(
+                "the host refused to open the channel (status {status:#x})"
+            ));
+        }
+
+        let path = match &self.addr {
+            BusAddress::Unix(path) => path.clone(),
+            other => return Err(format!("{other}: unsupported address")),
+        };
+        let mut stream = UnixStream::connect(&path)
+            .map_err(|e| format!("connecting the channel stream: {e}"))?;
+        let hello = Hello {
+            role: Role::Channel,
+            child_relid,
+            open_id,
+        };
+        write_frame(&mut stream, kind::HELLO, &hello.encode())
+            .map_err(|e| format!("sending the channel HELLO: {e}"))?;
+
+        let ring = Arc::new(InboundRing::new(UTIL_RING_BYTES));
+        let link = Arc::new(StreamChannel {
+            ring: ring.clone(),
+            writer: Mutex::new(
+                stream
+                    .try_clone()
+                    .map_err(|e| format!("cloning the channel stream: {e}"))?,
+            ),
+            child_relid,
+        });
+        let fcopy = HvFcopy::new(self.profile, link as Arc<dyn HostChannel>);
+        let driver: Arc<dyn ChannelDriver> = fcopy.clone();
+        let device: Arc<dyn Device> = fcopy;
+        let device_name = device.name().to_string();
+
+        let reader = stream
+            .try_clone()
+            .map_err(|e| format!("cloning the channel stream: {e}"))?;
+        self.channels
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(
+                child_relid,
+                BoundChannel {
+                    driver: driver.clone(),
+                    device_name: device_name.clone(),
+                    ring: ring.clone(),
+                    stream,
+                },
+            );
+        thread::Builder::new()
+            .name(format!("chan-{child_relid}"))
+            .spawn(move || pump_channel(reader, ring, driver, child_relid))
+            .map_err(|e| format!("starting the channel reader: {e}"))?;
+
+        self.registry.add_device(device)?;
+        info!(
+            "serving /dev/{device_name} (fcopy, kernel profile {}, relid {child_relid})",
+            self.profile
+        );
+        Ok(())
+    }
+
+    /// RESCIND_CHANNELOFFER: the kernel's util_remove, in its order.
+    fn rescind(self: &Arc<Self>, child_relid: u32) {
+        let bound = self
+            .channels
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&child_relid);
+        let Some(bound) = bound else {
+            warn!("host rescinded relid {child_relid}, which is not open here; ignored");
+            return;
+        };
+        info!(
+            "host rescinded relid {child_relid} (/dev/{})",
+            bound.device_name
+        );
+        let name = bound.device_name.clone();
+        teardown(bound, &*self.registry);
+        info!("/dev/{name} removed, relid {child_relid} released");
+        for message in [
+            ChannelMessage::CloseChannel { child_relid },
+            ChannelMessage::RelidReleased { child_relid },
+        ] {
+            if let Err(e) = self.send_control(&message) {
+                debug!("could not tell the host relid {child_relid} is released: {e}");
+            }
+        }
+    }
+
+    /// The host is gone: every channel goes as if rescinded.
+    fn rescind_all(&self) {
+        let channels: Vec<_> = self
+            .channels
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain()
+            .collect();
+        for (relid, bound) in channels {
+            info!(
+                "relid {relid} (/dev/{}) is gone with the host",
+                bound.device_name
+            );
+            teardown(bound, &*self.registry);
+        }
+    }
+}
+
+/// Deinit (may wait for the daemon to close), node removal, channel close.
+fn teardown(bound: BoundChannel, registry: &dyn DeviceRegistry) {
+    bound.driver.on_rescind();
+    registry.remove_device(&bound.device_name);
+    bound.ring.close();
+    let _ = bound.stream.shutdown(std::net::Shutdown::Both);
+}
+
+fn read_control(stream: &mut UnixStream) -> Result<Option<ChannelMessage>, BusError> {
+    match read_frame(stream)? {
+        None => Ok(None),
+        Some((kind::CONTROL, body)) => Ok(Some(
+            ChannelMessage::parse(&body).map_err(FrameError::from)?,
+        )),
+        Some((other, _)) => Err(BusError::Protocol(format!(
+            "a frame of kind {other} on the control stream"
+        ))),
+    }
+}
+
+/// Moves packets from a channel stream into the driver's ring and runs its callback.
+fn pump_channel(
+    mut stream: UnixStream,
+    ring: Arc<InboundRing>,
+    driver: Arc<dyn ChannelDriver>,
+    child_relid: u32,
+) {
+    loop {
+        let body = match read_frame(&mut stream) {
+            Ok(Some((kind::PACKET, body))) => body,
+            Ok(Some((other, _))) => {
+                warn!("relid {child_relid}: host sent a frame of kind {other} on a channel stream; dropped");
+                continue;
+            }
+            Ok(None) => {
+                debug!("relid {child_relid}: channel stream closed");
+                return;
+            }
+            Err(e) => {
+                warn!("relid {child_relid}: channel stream broken: {e}");
+                return;
+            }
+        };
+        let packet = match vmbus::packet::parse_packet(&body) {
+            Ok(packet) => InboundPacket {
+                trans_id: packet.trans_id,
+                payload: packet.payload.to_vec(),
+            },
+            Err(e) => {
+                warn!("relid {child_relid}: malformed packet from the host ({e}); dropped");
+                continue;
+            }
+        };
+        if !ring.push(packet) {
+            return;
+        }
+        driver.on_channel_callback();
+    }
+}
+
+/// A channel whose ring is fed from a stream and whose sends go back on it.
+struct StreamChannel {
+    ring: Arc<InboundRing>,
+    writer: Mutex<UnixStream>,
+    child_relid: u32,
+}
+
+impl HostChannel for StreamChannel {
+    fn recv(&self, buf_limit: usize) -> Result<Option<InboundPacket>, super::channel::RecvError> {
+        self.ring.recv(buf_limit)
+    }
+
+    fn send_inband(&self, trans_id: u64, payload: &[u8]) {
+        let packet = vmbus::packet::encode_inband(trans_id, 0, payload);
+        let mut writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        if let Err(e) = write_frame(&mut *writer, kind::PACKET, &packet) {
+            warn!(
+                "relid {}: reply {trans_id} not delivered, the host is gone ({e})",
+                self.child_relid
+            );
+        }
+    }
+}

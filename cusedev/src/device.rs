@@ -1,0 +1,157 @@
+//! The seam between frontends and device models: `struct file_operations`, said in Rust.
+//!
+//! A kernel misc driver hands the VFS a table of functions (open, read, write, ioctl, poll,
+//! release) and the VFS calls them on behalf of `current`, the process that made the syscall.
+//! [`Device`] is that table. Every frontend (a FUSE mount today, CUSE next) turns a request
+//! from `/dev/fuse` or `/dev/cuse` into one of these calls, with a [`Caller`] that carries what
+//! the kernel would know as `current`.
+//!
+//! Each method has a default that returns what the VFS returns when a driver lacks that
+//! operation (fs/read_write.c, fs/ioctl.c, fs/select.c of Linux 6.1), so a driver file only
+//! writes the operations its kernel counterpart really has.
+
+use std::sync::Arc;
+
+pub use nix::errno::Errno;
+
+use crate::wait::Interrupt;
+
+/// Identifies one open file of a device (the driver's `struct file *`).
+pub type Handle = u64;
+
+/// poll(2) bits, as the kernel's `EPOLL*` values (identical to `POLL*` on x86).
+pub mod poll_bits {
+    pub const POLLIN: u32 = 0x0001;
+    pub const POLLPRI: u32 = 0x0002;
+    pub const POLLOUT: u32 = 0x0004;
+    pub const POLLERR: u32 = 0x0008;
+    pub const POLLHUP: u32 = 0x0010;
+    pub const POLLRDNORM: u32 = 0x0040;
+    pub const POLLWRNORM: u32 = 0x0100;
+    /// What `vfs_poll` reports for a file whose driver has no `.poll`
+    /// (`DEFAULT_POLLMASK`, include/linux/poll.h).
+    pub const DEFAULT_POLLMASK: u32 = POLLIN | POLLOUT | POLLRDNORM | POLLWRNORM;
+}
+
+/// The process a request came from, as the kernel put it in the request header.
+///
+/// The pid is the one the kernel wrote into the FUSE/CUSE request, never a value taken from
+/// user data: anything that touches the caller's memory or descriptors must go through it.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub pid: u32,
+    pub uid: u32,
+    pub gid: u32,
+    /// Fired when the kernel sends FUSE_INTERRUPT for this request (the caller got a signal).
+    pub interrupt: Interrupt,
+}
+
+impl Caller {
+    /// A caller for unit tests and internal calls that can never be interrupted from outside.
+    pub fn detached(pid: u32) -> Caller {
+        Caller {
+            pid,
+            uid: 0,
+            gid: 0,
+            interrupt: Interrupt::new(),
+        }
+    }
+}
+
+/// Something a frontend can poke when a device's poll readiness may have changed.
+///
+/// For a FUSE/CUSE frontend this sends FUSE_NOTIFY_POLL with the kernel's poll handle; the
+/// kernel then polls again. Like a `poll_table` entry, one registration serves one wake-up.
+pub trait PollNotify: Send + Sync {
+    fn notify(&self);
+}
+
+/// A registration made by `poll()`: the device keeps it and calls [`PollWaker::wake`] when the
+/// readiness may have changed (the kernel's `poll_wait()` + `wake_up_interruptible()`).
+#[derive(Clone)]
+pub struct PollWaker(pub Arc<dyn PollNotify>);
+
+impl PollWaker {
+    pub fn wake(&self) {
+        self.0.notify();
+    }
+}
+
+impl std::fmt::Debug for PollWaker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PollWaker")
+    }
+}
+
+/// The answer to an ioctl: the return value of the syscall and bytes to copy back to the
+/// caller's `arg` buffer (restricted ioctl: at most the size encoded in `cmd`).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct IoctlReply {
+    pub result: i32,
+    pub out: Vec<u8>,
+}
+
+/// One kernel character-device driver, as its `file_operations` table.
+///
+/// Calls may block exactly where the kernel's would (a `wait_event_interruptible`, a
+/// `down_interruptible`): frontends run `read`, `write` and `ioctl` on worker threads, and an
+/// interrupted wait returns `Err(Errno::EINTR)` through [`crate::wait::WaitState`].
+pub trait Device: Send + Sync {
+    /// The misc device name, relative to `/dev` (`"vmbus/hv_fcopy"`).
+    fn name(&self) -> &str;
+
+    /// Permission bits of the node. Misc devices are created 0600 root:root unless the driver
+    /// sets `miscdevice.mode` (drivers/char/misc.c).
+    fn mode(&self) -> u32 {
+        0o600
+    }
+
+    /// `open(2)`. `flags` are the open flags the kernel passed (O_RDWR, O_NONBLOCK, ...).
+    fn open(&self, caller: &Caller, flags: i32) -> Result<Handle, Errno>;
+
+    /// `read(2)`/`pread(2)`. No `.read` in a driver: `vfs_read` returns EINVAL.
+    fn read(
+        &self,
+        _handle: Handle,
+        _count: u32,
+        _offset: u64,
+        _caller: &Caller,
+    ) -> Result<Vec<u8>, Errno> {
+        Err(Errno::EINVAL)
+    }
+
+    /// `write(2)`/`pwrite(2)`; returns the byte count the syscall returns. No `.write`:
+    /// `vfs_write` returns EINVAL.
+    fn write(
+        &self,
+        _handle: Handle,
+        _data: &[u8],
+        _offset: u64,
+        _caller: &Caller,
+    ) -> Result<u32, Errno> {
+        Err(Errno::EINVAL)
+    }
+
+    /// `ioctl(2)` with the bytes the frontend could fetch from `arg` (restricted FUSE ioctl:
+    /// `_IOC_SIZE(cmd)` bytes for `_IOC_WRITE` commands). No `.unlocked_ioctl`: ENOTTY.
+    fn ioctl(
+        &self,
+        _handle: Handle,
+        _cmd: u32,
+        _arg: u64,
+        _input: &[u8],
+        _out_size: u32,
+        _caller: &Caller,
+    ) -> Result<IoctlReply, Errno> {
+        Err(Errno::ENOTTY)
+    }
+
+    /// `poll(2)`: the current readiness, and if `waker` is given, a registration to wake when
+    /// it may change. No `.poll`: always readable and writable.
+    fn poll(&self, _handle: Handle, _waker: Option<PollWaker>) -> u32 {
+        poll_bits::DEFAULT_POLLMASK
+    }
+
+    /// The last `close(2)` of the open file (`.release`). The kernel ignores its return value.
+    fn release(&self, _handle: Handle) {}
+}

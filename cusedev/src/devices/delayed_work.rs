@@ -1,0 +1,334 @@
+//! Deferred work for device models: the kernel's `struct delayed_work`, one thread per item.
+//!
+//! Kernel drivers put off work in two ways that matter to the util services: a timeout
+//! (`schedule_delayed_work(&fcopy_timeout_work, 30 * HZ)`, drivers/hv/hv_fcopy.c 6.1) and a
+//! "run this soon, elsewhere" poke (`tasklet_schedule(&channel->callback_event)` when a driver
+//! re-polls its channel). Both are a [`DelayedWork`]: a function, a thread that runs it, and at
+//! most one pending expiry. A zero delay makes it a tasklet.
+//!
+//! The semantics are the workqueue's, because the drivers' behaviour hangs on them:
+//!
+//! * [`DelayedWork::schedule`] does nothing and returns false when the work is already pending
+//!   (the old expiry stands), like `schedule_delayed_work()`;
+//! * [`DelayedWork::cancel`] returns whether it took a *pending* expiry away. Once the expiry
+//!   has passed and the function has started, it is no longer pending: a cancel then returns
+//!   false and the function runs to its end. That window is real in the kernel (hv_fcopy's
+//!   `cancel_delayed_work_sync()` returning false while the timeout work is running) and the
+//!   drivers' "the timer already fired" branches exist because of it;
+//! * [`DelayedWork::cancel_sync`] also waits for a running function to finish, like
+//!   `cancel_delayed_work_sync()`. It must not be called while holding a lock the function
+//!   takes: device models call it only from teardown, with no lock held. [`cancel`] never
+//!   blocks and is safe under the driver lock.
+//!
+//! No busy loops: the thread sleeps on a condition variable until the expiry or a change.
+//!
+//! [`cancel`]: DelayedWork::cancel
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::{self, ThreadId};
+use std::time::{Duration, Instant};
+
+/// One deferred function and the thread that runs it. Dropping it stops the thread (after a
+/// running function returns); a pending expiry is then never run.
+pub struct DelayedWork {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    name: String,
+    state: Mutex<State>,
+    changed: Condvar,
+}
+
+#[derive(Default)]
+struct State {
+    /// `Some` while pending: when to run.
+    expires: Option<Instant>,
+    /// The function is running right now.
+    running: bool,
+    shutdown: bool,
+    /// The thread that runs the function (so that `cancel_sync` from inside it does not wait
+    /// for itself).
+    worker: Option<ThreadId>,
+    /// Test hook: stop a firing between "no longer pending" and "function runs".
+    #[cfg(test)]
+    hold: bool,
+    #[cfg(test)]
+    held: bool,
+}
+
+impl Inner {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn wait<'a>(&self, guard: MutexGuard<'a, State>) -> MutexGuard<'a, State> {
+        self.changed.wait(guard).unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl DelayedWork {
+    /// Creates the work item and its thread (named `name`). `work` runs on that thread, with
+    /// no lock of this module held; it may take the driver lock.
+    ///
+    /// Panics only if the operating system refuses to create a thread, at device creation.
+    pub fn new(name: &str, work: impl Fn() + Send + 'static) -> DelayedWork {
+        let inner = Arc::new(Inner {
+            name: name.to_owned(),
+            state: Mutex::new(State::default()),
+            changed: Condvar::new(),
+        });
+        let thread_inner = inner.clone();
+        let handle = thread::Builder::new()
+            .name(name.to_owned())
+            .spawn(move || run(&thread_inner, &work))
+            .unwrap_or_else(|e| panic!("cannot start the work thread {name}: {e}"));
+        inner.lock().worker = Some(handle.thread().id());
+        DelayedWork { inner }
+    }
+
+    /// `schedule_delayed_work(work, delay)`: runs the function once `delay` has passed, unless
+    /// it is already pending, in which case nothing changes and false is returned. A function
+    /// that is running does not count as pending: it will run again.
+    pub fn schedule(&self, delay: Duration) -> bool {
+        let mut state = self.inner.lock();
+        if state.shutdown || state.expires.is_some() {
+            return false;
+        }
+        state.expires = Some(Instant::now() + delay);
+        self.inner.changed.notify_all();
+        true
+    }
+
+    /// `cancel_delayed_work()`: takes a pending expiry away and says whether there was one.
+    /// Does not wait for a running function. Never blocks: safe under the driver lock.
+    pub fn cancel(&self) -> bool {
+        let mut state = self.inner.lock();
+        let was_pending = state.expires.take().is_some();
+        if was_pending {
+            self.inner.changed.notify_all();
+        }
+        was_pending
+    }
+
+    /// `cancel_delayed_work_sync()`: [`DelayedWork::cancel`], then waits until a running
+    /// function has returned. Call it with no lock held that the function takes.
+    pub fn cancel_sync(&self) -> bool {
+        let mut state = self.inner.lock();
+        let was_pending = state.expires.take().is_some();
+        self.inner.changed.notify_all();
+        if state.worker == Some(thread::current().id()) {
+            // Called from the function itself: it is "running" but cannot be waited for.
+            return was_pending;
+        }
+        while state.running {
+            state = self.inner.wait(state);
+        }
+        was_pending
+    }
+
+    /// `delayed_work_pending()`.
+    pub fn is_pending(&self) -> bool {
+        self.inner.lock().expires.is_some()
+    }
+
+    /// Stops the thread: a pending expiry is dropped, a running function finishes, later
+    /// `schedule` calls do nothing. Used when the device goes away.
+    pub fn shutdown(&self) {
+        let mut state = self.inner.lock();
+        state.shutdown = true;
+        state.expires = None;
+        self.inner.changed.notify_all();
+    }
+
+    /// Test hook: the next firing stops after it stopped being pending and before the function
+    /// runs, until [`DelayedWork::release_hold`]. That is the kernel's window in which
+    /// `cancel_delayed_work_sync()` returns false because the work is already running.
+    #[cfg(test)]
+    pub(crate) fn hold_next_firing(&self) {
+        self.inner.lock().hold = true;
+    }
+
+    /// Test hook: waits until a firing is stopped by [`DelayedWork::hold_next_firing`].
+    #[cfg(test)]
+    pub(crate) fn wait_until_held(&self) {
+        let mut state = self.inner.lock();
+        while !state.held {
+            state = self.inner.wait(state);
+        }
+    }
+
+    /// Test hook: lets a held firing run its function.
+    #[cfg(test)]
+    pub(crate) fn release_hold(&self) {
+        let mut state = self.inner.lock();
+        state.hold = false;
+        self.inner.changed.notify_all();
+    }
+}
+
+impl Drop for DelayedWork {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+impl std::fmt::Debug for DelayedWork {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let state = self.inner.lock();
+        f.debug_struct("DelayedWork")
+            .field("name", &self.inner.name)
+            .field("pending", &state.expires.is_some())
+            .field("running", &state.running)
+            .finish()
+    }
+}
+
+/// The work thread: sleep until an expiry passes, run the function, repeat until shutdown.
+fn run(inner: &Inner, work: &dyn Fn()) {
+    let mut state = inner.lock();
+    loop {
+        if state.shutdown {
+            return;
+        }
+        let Some(expires) = state.expires else {
+            state = inner.wait(state);
+            continue;
+        };
+        let now = Instant::now();
+        if now < expires {
+            state = inner
+                .changed
+                .wait_timeout(state, expires - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+            continue;
+        }
+        // From here on the work is running, not pending: a cancel returns false.
+        state.expires = None;
+        state.running = true;
+        #[cfg(test)]
+        {
+            while state.hold && !state.shutdown {
+                state.held = true;
+                inner.changed.notify_all();
+                state = inner.wait(state);
+            }
+            state.held = false;
+        }
+        drop(state);
+        if catch_unwind(AssertUnwindSafe(work)).is_err() {
+            log::error!("work item {} panicked; it stays usable", inner.name);
+        }
+        state = inner.lock();
+        state.running = false;
+        inner.changed.notify_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::mpsc;
+
+    fn counter_work(name: &str) -> (DelayedWork, mpsc::Receiver<()>) {
+        let (tx, rx) = mpsc::channel();
+        let tx = Mutex::new(tx);
+        let work = DelayedWork::new(name, move || {
+            let _ = tx.lock().unwrap().send(());
+        });
+        (work, rx)
+    }
+
+    #[test]
+    fn scheduled_work_runs_once_after_its_delay() {
+        let (work, ran) = counter_work("dw-test-run");
+        assert!(work.schedule(Duration::from_millis(10)));
+        ran.recv_timeout(Duration::from_secs(10)).unwrap();
+        assert!(!work.is_pending());
+        assert!(ran.recv_timeout(Duration::from_millis(50)).is_err());
+    }
+
+    #[test]
+    fn scheduling_pending_work_again_returns_false_and_keeps_the_expiry() {
+        let (work, _ran) = counter_work("dw-test-twice");
+        assert!(work.schedule(Duration::from_secs(3600)));
+        assert!(!work.schedule(Duration::ZERO));
+        assert!(work.is_pending());
+    }
+
+    #[test]
+    fn cancel_of_pending_work_returns_true_and_it_never_runs() {
+        let (work, ran) = counter_work("dw-test-cancel");
+        assert!(work.schedule(Duration::from_millis(200)));
+        assert!(work.cancel());
+        assert!(!work.cancel());
+        assert!(ran.recv_timeout(Duration::from_millis(400)).is_err());
+    }
+
+    #[test]
+    fn cancel_of_a_firing_work_returns_false_and_the_work_still_runs() {
+        let (work, ran) = counter_work("dw-test-firing");
+        work.hold_next_firing();
+        assert!(work.schedule(Duration::ZERO));
+        work.wait_until_held();
+        assert!(!work.cancel());
+        work.release_hold();
+        ran.recv_timeout(Duration::from_secs(10)).unwrap();
+    }
+
+    #[test]
+    fn cancel_sync_waits_for_a_running_work() {
+        let (started_tx, started_rx) = mpsc::channel::<()>();
+        let (finish_tx, finish_rx) = mpsc::channel::<()>();
+        let (started_tx, finish_rx) = (Mutex::new(started_tx), Mutex::new(finish_rx));
+        let done = Arc::new(Mutex::new(false));
+        let done_in_work = done.clone();
+        let work = DelayedWork::new("dw-test-sync", move || {
+            let _ = started_tx.lock().unwrap().send(());
+            let _ = finish_rx.lock().unwrap().recv();
+            *done_in_work.lock().unwrap() = true;
+        });
+        work.schedule(Duration::ZERO);
+        started_rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        finish_tx.send(()).unwrap();
+        assert!(!work.cancel_sync());
+        assert!(*done.lock().unwrap());
+    }
+
+    #[test]
+    fn work_can_be_rescheduled_from_inside_itself() {
+        let (tx, rx) = mpsc::channel();
+        let tx = Mutex::new(tx);
+        let slot: Arc<Mutex<Option<Arc<DelayedWork>>>> = Arc::new(Mutex::new(None));
+        let slot_in_work = slot.clone();
+        let runs = Arc::new(Mutex::new(0));
+        let runs_in_work = runs.clone();
+        let work = Arc::new(DelayedWork::new("dw-test-resched", move || {
+            let mut runs = runs_in_work.lock().unwrap();
+            *runs += 1;
+            if *runs < 3 {
+                if let Some(me) = slot_in_work.lock().unwrap().as_ref() {
+                    assert!(me.schedule(Duration::ZERO));
+                }
+            } else {
+                let _ = tx.lock().unwrap().send(());
+            }
+        }));
+        *slot.lock().unwrap() = Some(work.clone());
+        work.schedule(Duration::ZERO);
+        rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        assert_eq!(*runs.lock().unwrap(), 3);
+        slot.lock().unwrap().take();
+    }
+
+    #[test]
+    fn shutdown_drops_pending_work() {
+        let (work, ran) = counter_work("dw-test-shutdown");
+        work.schedule(Duration::from_millis(200));
+        work.shutdown();
+        assert!(!work.schedule(Duration::ZERO));
+        assert!(ran.recv_timeout(Duration::from_millis(400)).is_err());
+    }
+}

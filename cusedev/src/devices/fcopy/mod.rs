@@ -1,0 +1,361 @@
+//! `/dev/vmbus/hv_fcopy`: the Hyper-V file copy service (drivers/hv/hv_fcopy.c).
+//!
+//! `Copy-VMFile` on a Hyper-V host pushes a file into a Linux guest in pieces: START_FILE_COPY
+//! (names, flags, size), WRITE_TO_FILE fragments of at most 6 KiB, then COMPLETE_FCOPY, or
+//! CANCEL_FCOPY to give up. The kernel driver does none of the file work. It sits between the
+//! VMBus channel and a userspace daemon (`hv_fcopy_daemon`): it reads one host packet, hands
+//! the daemon a message through a misc character device, waits for the daemon's 4-byte status,
+//! and echoes the host's packet back with that status in it. If the daemon is slow, a timer
+//! answers "failed" for it.
+//!
+//! Two kernels' versions of that driver are reproduced, byte for byte and errno for errno,
+//! selected by [`KernelProfile`]:
+//!
+//! * [`linux_3_14`]: the 2014 driver as merged for v3.15 (its own file operations, a counting
+//!   semaphore, a version-0 handshake without reply, 5 s timeout, short reads that lose the
+//!   message, no poll). The unmodified 6.1 daemon cannot register with it (fcopy.md §9).
+//! * [`linux_6_1`]: the driver of Linux 4.x–6.9 as in Debian's 6.1 kernel, built on the
+//!   shared [`hvutil transport`](super::hvutil_transport) (version-1 handshake with a reply,
+//!   30 s timeout, poll, EBADF on removal, host requests failed at once without a daemon).
+//!
+//! What the two have in common lives here: the persistent receive buffer and the message the
+//! daemon gets for a START. [`HvFcopy`] is the device the frontends and the bus client see;
+//! it implements both [`Device`] (the char device) and [`ChannelDriver`] (the channel side).
+//!
+//! Receive buffer: `util_probe()` allocates 4 pages per util channel once, and the fcopy
+//! callback reads every packet into the start of it with a 2-page limit. Nothing ever clears
+//! it, so whatever a longer earlier packet left past the end of a shorter one is still there,
+//! and both drivers hand some of those stale bytes to the daemon (WRITE always delivers a full
+//! struct; 6.1 COMPLETE/CANCEL deliver `recvlen` bytes from offset 28, i.e. 28 more than the
+//! packet holds). `RecvBuffer` keeps that memory so the same bytes come out.
+
+pub mod linux_3_14;
+pub mod linux_6_1;
+
+#[cfg(test)]
+pub(crate) mod testing;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use vmbus::fcopy::{parse_start, START_FCOPY_LEN};
+use vmbus::ic::{set_reply, ICMSG_HDR_LEN};
+use vmbus::utf16::Overflow;
+use zerocopy::IntoBytes;
+
+use crate::bus::channel::{ChannelDriver, HostChannel};
+use crate::device::{Caller, Device, Errno, Handle, IoctlReply, PollWaker};
+use crate::profile::KernelProfile;
+
+/// The misc device name: `/dev/vmbus/hv_fcopy` (both eras).
+pub const DEVICE_NAME: &str = "vmbus/hv_fcopy";
+
+/// `PAGE_SIZE` / `HV_HYP_PAGE_SIZE` on x86_64.
+const PAGE_SIZE: usize = 4096;
+
+/// The per-channel receive buffer `util_probe()` allocates (4 pages, drivers/hv/hv_util.c).
+pub const RECV_BUFFER_LEN: usize = 4 * PAGE_SIZE;
+
+/// The length limit hv_fcopy passes to `vmbus_recvpacket()` (2 pages, both eras). A larger
+/// host packet is refused with ENOBUFS and stays in the ring.
+pub const RECV_LIMIT: usize = 2 * PAGE_SIZE;
+
+/// How the kernel's `utf16s_to_utf8s()` treats a character that does not fit the 259-byte
+/// budget of a START name: skipped, as in fs/nls/nls_base.c of v6.1.0 and of the seed era.
+/// (The Nov-2025 fix stops instead; whether Debian's 6.1.y carries it is unverified,
+/// fcopy.md §8.3.)
+pub const NAME_OVERFLOW: Overflow = Overflow::Skip;
+
+/// The driver's receive buffer, persistent across packets (see the module docs).
+pub(crate) struct RecvBuffer {
+    bytes: Box<[u8]>,
+}
+
+impl RecvBuffer {
+    pub(crate) fn new() -> RecvBuffer {
+        RecvBuffer {
+            bytes: vec![0; RECV_BUFFER_LEN].into_boxed_slice(),
+        }
+    }
+
+    /// `vmbus_recvpacket()` into the buffer: the payload lands at the start, the rest keeps
+    /// what earlier packets left there. Returns the length copied (the kernel's `recvlen`).
+    pub(crate) fn fill(&mut self, payload: &[u8]) -> usize {
+        // The channel never hands out more than RECV_LIMIT bytes; clamp anyway rather than
+        // trust it with our memory.
+        let len = payload.len().min(self.bytes.len());
+        for (slot, byte) in self.bytes.iter_mut().zip(payload) {
+            *slot = *byte;
+        }
+        len
+    }
+
+    /// The whole buffer, for code that (like the kernel) works on it in place.
+    pub(crate) fn as_mut_slice(&mut self) -> &mut [u8] {
+        &mut self.bytes
+    }
+
+    /// `len` bytes from offset `from`. Bytes past the end of the 16 KiB buffer read as zero:
+    /// the kernel would read past its allocation there (only reachable through the seed's
+    /// oversized-packet path); we cannot reproduce foreign heap memory.
+    pub(crate) fn bytes(&self, from: usize, len: usize) -> Vec<u8> {
+        let mut out = vec![0; len];
+        if let Some(available) = self.bytes.get(from..) {
+            for (slot, byte) in out.iter_mut().zip(available) {
+                *slot = *byte;
+            }
+        }
+        out
+    }
+
+    fn u16_at(&self, at: usize) -> u16 {
+        let b = self.bytes(at, 2);
+        u16::from_le_bytes([b[0], b[1]])
+    }
+
+    fn u32_at(&self, at: usize) -> u32 {
+        let b = self.bytes(at, 4);
+        u32::from_le_bytes([b[0], b[1], b[2], b[3]])
+    }
+
+    /// `icmsg_hdr.icmsgtype` of the packet in the buffer (payload offset 8 + 4).
+    pub(crate) fn icmsgtype(&self) -> u16 {
+        self.u16_at(vmbus::ic::PIPE_HDR_LEN + 4)
+    }
+
+    /// `hv_fcopy_hdr.operation` of the packet in the buffer (payload offset 28).
+    pub(crate) fn operation(&self) -> u32 {
+        self.u32_at(ICMSG_HDR_LEN)
+    }
+
+    /// `fcopy_respond_to_host()`: writes `status` and icflags TRANSACTION|RESPONSE into the IC
+    /// header in the buffer and returns the first `len` bytes, which are sent back.
+    pub(crate) fn reply(&mut self, len: usize, status: u32) -> Vec<u8> {
+        // The buffer is always longer than the 28-byte header, so this cannot fail.
+        let _ = set_reply(&mut self.bytes, status);
+        self.bytes(0, len)
+    }
+
+    /// The 1088-byte message the daemon gets for a START (`fcopy_send_data()`, both eras): a
+    /// zeroed `hv_start_fcopy` with the operation, both names converted from UTF-16LE to
+    /// NUL-terminated UTF-8 (at most 259 bytes each), the flags and the size.
+    pub(crate) fn start_for_daemon(&self) -> Vec<u8> {
+        let host = self.bytes(ICMSG_HDR_LEN, START_FCOPY_LEN);
+        match parse_start(&host) {
+            Ok(start) => start.to_daemon(NAME_OVERFLOW).as_bytes().to_vec(),
+            // Cannot happen: `host` is exactly START_FCOPY_LEN bytes long.
+            Err(_) => vec![0; START_FCOPY_LEN],
+        }
+    }
+}
+
+/// A short name for an fcopy operation, for logs.
+pub(crate) fn op_name(op: u32) -> &'static str {
+    use vmbus::fcopy::op;
+    match op {
+        op::START_FILE_COPY => "START_FILE_COPY",
+        op::WRITE_TO_FILE => "WRITE_TO_FILE",
+        op::COMPLETE_FCOPY => "COMPLETE_FCOPY",
+        op::CANCEL_FCOPY => "CANCEL_FCOPY",
+        _ => "unknown operation",
+    }
+}
+
+/// The hv_fcopy driver of one channel, in the kernel version the profile selects.
+///
+/// Bus side: bind it to the fcopy channel as its [`ChannelDriver`]; call
+/// [`ChannelDriver::on_channel_callback`] once per host packet pushed into the channel's
+/// inbound ring (each call reads at most one packet, like the kernel's callback), and
+/// [`ChannelDriver::on_rescind`] when the host rescinds the channel (on 6.1 this blocks until
+/// the daemon has closed the device; on 3.14 it returns at once).
+///
+/// Frontend side: serve it as a [`Device`] named [`DEVICE_NAME`], mode 0600.
+pub struct HvFcopy {
+    profile: KernelProfile,
+    model: Model,
+}
+
+enum Model {
+    Linux3_14(Arc<linux_3_14::SeedFcopy>),
+    Linux6_1(Arc<linux_6_1::Fcopy61>),
+}
+
+impl HvFcopy {
+    /// The driver for `profile` on `channel`, with the kernel's daemon timeout (5 s on
+    /// linux-3.14, 30 s on linux-6.1).
+    pub fn new(profile: KernelProfile, channel: Arc<dyn HostChannel>) -> Arc<HvFcopy> {
+        HvFcopy::with_timeout(profile, channel, Self::default_timeout(profile))
+    }
+
+    /// Like [`HvFcopy::new`] with another daemon timeout (for tests).
+    pub fn with_timeout(
+        profile: KernelProfile,
+        channel: Arc<dyn HostChannel>,
+        daemon_timeout: Duration,
+    ) -> Arc<HvFcopy> {
+        let model = match profile {
+            KernelProfile::Linux3_14 => {
+                Model::Linux3_14(linux_3_14::SeedFcopy::new(channel, daemon_timeout))
+            }
+            KernelProfile::Linux6_1 => {
+                Model::Linux6_1(linux_6_1::Fcopy61::new(channel, daemon_timeout))
+            }
+        };
+        Arc::new(HvFcopy { profile, model })
+    }
+
+    /// The kernel's daemon timeout for `profile`: `5*HZ` in the seed, `HV_UTIL_TIMEOUT` = 30 s
+    /// in 6.1.
+    pub fn default_timeout(profile: KernelProfile) -> Duration {
+        match profile {
+            KernelProfile::Linux3_14 => linux_3_14::DAEMON_TIMEOUT,
+            KernelProfile::Linux6_1 => linux_6_1::DAEMON_TIMEOUT,
+        }
+    }
+
+    /// The kernel version this driver reproduces.
+    pub fn profile(&self) -> KernelProfile {
+        self.profile
+    }
+
+    fn device(&self) -> &dyn Device {
+        match &self.model {
+            Model::Linux3_14(seed) => &**seed,
+            Model::Linux6_1(fcopy) => &**fcopy,
+        }
+    }
+
+    fn driver(&self) -> &dyn ChannelDriver {
+        match &self.model {
+            Model::Linux3_14(seed) => &**seed,
+            Model::Linux6_1(fcopy) => &**fcopy,
+        }
+    }
+}
+
+impl std::fmt::Debug for HvFcopy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HvFcopy")
+            .field("profile", &self.profile)
+            .finish()
+    }
+}
+
+impl Device for HvFcopy {
+    fn name(&self) -> &str {
+        DEVICE_NAME
+    }
+
+    fn mode(&self) -> u32 {
+        self.device().mode()
+    }
+
+    fn open(&self, caller: &Caller, flags: i32) -> Result<Handle, Errno> {
+        self.device().open(caller, flags)
+    }
+
+    fn read(
+        &self,
+        handle: Handle,
+        count: u32,
+        offset: u64,
+        caller: &Caller,
+    ) -> Result<Vec<u8>, Errno> {
+        self.device().read(handle, count, offset, caller)
+    }
+
+    fn write(
+        &self,
+        handle: Handle,
+        data: &[u8],
+        offset: u64,
+        caller: &Caller,
+    ) -> Result<u32, Errno> {
+        self.device().write(handle, data, offset, caller)
+    }
+
+    fn ioctl(
+        &self,
+        handle: Handle,
+        cmd: u32,
+        arg: u64,
+        input: &[u8],
+        out_size: u32,
+        caller: &Caller,
+    ) -> Result<IoctlReply, Errno> {
+        self.device()
+            .ioctl(handle, cmd, arg, input, out_size, caller)
+    }
+
+    fn poll(&self, handle: Handle, waker: Option<PollWaker>) -> u32 {
+        self.device().poll(handle, waker)
+    }
+
+    fn release(&self, handle: Handle) {
+        self.device().release(handle)
+    }
+}
+
+impl ChannelDriver for HvFcopy {
+    fn on_channel_callback(&self) {
+        self.driver().on_channel_callback()
+    }
+
+    fn on_rescind(&self) {
+        self.driver().on_rescind()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::*;
+    use super::*;
+    use crate::device::poll_bits;
+
+    #[test]
+    fn device_is_vmbus_hv_fcopy_mode_0600_in_both_profiles() {
+        for profile in [KernelProfile::Linux3_14, KernelProfile::Linux6_1] {
+            let dev = HvFcopy::new(profile, TestChannel::new());
+            assert_eq!(dev.name(), "vmbus/hv_fcopy");
+            assert_eq!(dev.mode(), 0o600);
+            assert_eq!(dev.profile(), profile);
+        }
+    }
+
+    #[test]
+    fn default_timeouts_are_5_s_seed_and_30_s_6_1() {
+        assert_eq!(
+            HvFcopy::default_timeout(KernelProfile::Linux3_14),
+            Duration::from_secs(5)
+        );
+        assert_eq!(
+            HvFcopy::default_timeout(KernelProfile::Linux6_1),
+            Duration::from_secs(30)
+        );
+    }
+
+    #[test]
+    fn profiles_differ_in_poll_and_ioctl_is_enotty() {
+        let seed = HvFcopy::new(KernelProfile::Linux3_14, TestChannel::new());
+        let h = seed.open(&caller(), libc::O_RDWR).unwrap();
+        assert_eq!(seed.poll(h, None), poll_bits::DEFAULT_POLLMASK);
+        assert_eq!(seed.ioctl(h, 0, 0, &[], 0, &caller()), Err(Errno::ENOTTY));
+        let new = HvFcopy::new(KernelProfile::Linux6_1, TestChannel::new());
+        let h = new.open(&caller(), libc::O_RDWR).unwrap();
+        assert_eq!(new.poll(h, None), 0);
+        assert_eq!(new.ioctl(h, 0, 0, &[], 0, &caller()), Err(Errno::ENOTTY));
+    }
+
+    #[test]
+    fn recv_buffer_keeps_stale_bytes_past_a_short_packet() {
+        let mut buf = RecvBuffer::new();
+        assert_eq!(buf.fill(&[1; 100]), 100);
+        assert_eq!(buf.fill(&[2; 10]), 10);
+        let bytes = buf.bytes(0, 20);
+        assert_eq!(&bytes[..10], &[2; 10]);
+        assert_eq!(&bytes[10..], &[1; 10]);
+        // Past the 16 KiB allocation: zeros, never a panic.
+        assert_eq!(buf.bytes(RECV_BUFFER_LEN - 2, 4), vec![0, 0, 0, 0]);
+        assert_eq!(buf.bytes(usize::MAX, 3), vec![0, 0, 0]);
+    }
+}

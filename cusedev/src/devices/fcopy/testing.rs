@@ -1,0 +1,156 @@
+//! Test doubles for the fcopy models: a host channel and host packets built with the `vmbus`
+//! encoders, the way fakehost builds them.
+
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use vmbus::ic::{build_ic_message, ic_header, msgtype, IcVersion};
+use vmbus::negotiate::build_request_body;
+use vmbus::packet::{encode_inband, parse_packet};
+
+use crate::bus::channel::{HostChannel, InboundPacket, InboundRing, RecvError};
+use crate::device::Caller;
+
+/// A packet the driver sent to the host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Sent {
+    pub trans_id: u64,
+    pub payload: Vec<u8>,
+}
+
+/// The driver's channel in a test: an inbound ring the test fills, and a log of what the
+/// driver sent.
+pub(crate) struct TestChannel {
+    ring: InboundRing,
+    sent: Mutex<Vec<Sent>>,
+    sent_changed: Condvar,
+}
+
+impl TestChannel {
+    pub(crate) fn new() -> Arc<TestChannel> {
+        Arc::new(TestChannel {
+            // Large enough that a test never blocks on a full ring.
+            ring: InboundRing::new(1 << 20),
+            sent: Mutex::new(Vec::new()),
+            sent_changed: Condvar::new(),
+        })
+    }
+
+    /// The host puts `payload` (an IC message) into the ring as an inband packet. The
+    /// payload the driver reads back is padded to 8 bytes, as the kernel's `recvlen` is.
+    pub(crate) fn push(&self, trans_id: u64, payload: &[u8]) {
+        let bytes = encode_inband(trans_id, 0, payload);
+        let packet = parse_packet(&bytes).expect("a packet we just encoded parses");
+        assert!(self.ring.push(InboundPacket {
+            trans_id: packet.trans_id,
+            payload: packet.payload.to_vec(),
+        }));
+    }
+
+    /// A packet with a payload of exactly `len` bytes (len a multiple of 8 for realism).
+    pub(crate) fn push_raw(&self, trans_id: u64, payload: Vec<u8>) {
+        assert!(self.ring.push(InboundPacket { trans_id, payload }));
+    }
+
+    /// Whether a (non-empty) packet is still in the ring, without taking it: a zero-byte
+    /// limit refuses any non-empty packet and leaves it where it is.
+    pub(crate) fn ring_has_packet(&self) -> bool {
+        self.ring.recv(0).is_err()
+    }
+
+    pub(crate) fn sent(&self) -> Vec<Sent> {
+        self.sent.lock().unwrap().clone()
+    }
+
+    /// Waits until the driver has sent at least `count` packets (a timer or a re-poll on
+    /// another thread may be the sender) and returns them all.
+    pub(crate) fn wait_sent(&self, count: usize) -> Vec<Sent> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut sent = self.sent.lock().unwrap();
+        while sent.len() < count {
+            let now = Instant::now();
+            assert!(now < deadline, "timed out waiting for {count} sent packets");
+            sent = self
+                .sent_changed
+                .wait_timeout(sent, deadline - now)
+                .unwrap()
+                .0;
+        }
+        sent.clone()
+    }
+}
+
+impl HostChannel for TestChannel {
+    fn recv(&self, buf_limit: usize) -> Result<Option<InboundPacket>, RecvError> {
+        self.ring.recv(buf_limit)
+    }
+
+    fn send_inband(&self, trans_id: u64, payload: &[u8]) {
+        self.sent.lock().unwrap().push(Sent {
+            trans_id,
+            payload: payload.to_vec(),
+        });
+        self.sent_changed.notify_all();
+    }
+}
+
+pub(crate) fn caller() -> Caller {
+    Caller::detached(4242)
+}
+
+/// Framework / message versions a host puts in its IC headers.
+pub(crate) const FW_3_0: IcVersion = IcVersion::new(3, 0);
+pub(crate) const SRV_1_1: IcVersion = IcVersion::new(1, 1);
+
+/// A host NEGOTIATE message offering `fw` and `srv`.
+pub(crate) fn negotiate(fw: &[IcVersion], srv: &[IcVersion]) -> Vec<u8> {
+    build_ic_message(
+        msgtype::NEGOTIATE,
+        IcVersion::new(1, 0),
+        IcVersion::new(1, 0),
+        0,
+        &build_request_body(fw, srv),
+    )
+}
+
+/// A host fcopy message with `body` after the IC header.
+pub(crate) fn fcopy(body: &[u8]) -> Vec<u8> {
+    build_ic_message(msgtype::FCOPY, FW_3_0, SRV_1_1, 0, body)
+}
+
+pub(crate) fn start(file: &str, path: &str, flags: u32, size: u64) -> Vec<u8> {
+    fcopy(&vmbus::fcopy::encode_start(file, path, flags, size).unwrap())
+}
+
+pub(crate) fn write(offset: u64, data: &[u8]) -> Vec<u8> {
+    fcopy(&vmbus::fcopy::encode_write(offset, data).unwrap())
+}
+
+pub(crate) fn op(op: u32) -> Vec<u8> {
+    fcopy(&vmbus::fcopy::encode_op(op))
+}
+
+/// The status field of a reply.
+pub(crate) fn status_of(payload: &[u8]) -> u32 {
+    ic_header(payload).unwrap().status.get()
+}
+
+/// The icflags field of a reply.
+pub(crate) fn icflags_of(payload: &[u8]) -> u8 {
+    ic_header(payload).unwrap().icflags
+}
+
+/// `payload` padded with zeros to a multiple of 8, as the driver sees it.
+pub(crate) fn padded(payload: &[u8]) -> Vec<u8> {
+    let mut out = payload.to_vec();
+    out.resize(payload.len().div_ceil(8) * 8, 0);
+    out
+}
+
+/// What the driver's reply to `request` must be: the same bytes (padded) with `status` and
+/// icflags 0x05 in the IC header.
+pub(crate) fn expected_reply(request: &[u8], status: u32) -> Vec<u8> {
+    let mut out = padded(request);
+    vmbus::ic::set_reply(&mut out, status).unwrap();
+    out
+}

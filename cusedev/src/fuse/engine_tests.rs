@@ -1,0 +1,540 @@
+//! The engine driven by a fake kernel: a SOCK_SEQPACKET socket pair stands in for `/dev/fuse`
+//! (one read = one whole request, one writev = one whole reply, like the real thing), so the
+//! tests can send requests no real kernel would send (short bodies, lying headers, interrupts
+//! for unknown requests) and see exactly what the engine answers. No root needed.
+//!
+//! The handler is a single-device personality with no directory at all (nodeid 0 opens the
+//! device, as under CUSE): the engine must not care.
+//!
+//! "No reply" is checked without sleeping: requests handled in the reader thread are answered
+//! in order, so after a request that must not be answered we send one that must, and the
+//! next reply has to be for that one.
+
+use std::collections::VecDeque;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use nix::errno::Errno;
+use nix::poll::{PollFd, PollFlags, PollTimeout};
+use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
+use zerocopy::IntoBytes;
+
+use super::abi::*;
+use super::init::fuse_init_reply;
+use super::session::{Reply, Request, RequestHandler, Session};
+use crate::device::{poll_bits, Caller, Device, Handle, PollWaker};
+use crate::wait::WaitState;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Event {
+    ReaderSleeping,
+}
+
+#[derive(Default)]
+struct PipeState {
+    open: bool,
+    queued: VecDeque<u8>,
+    /// (pid, uid, gid) of the last caller of read/write.
+    last_caller: Option<(u32, u32, u32)>,
+    /// Make the next open or read panic (a device model bug).
+    panic_next: bool,
+}
+
+/// Single-open; read sleeps until data; poll registers its waker.
+struct Pipe {
+    state: Arc<WaitState<PipeState>>,
+    events: Mutex<Sender<Event>>,
+}
+
+impl Device for Pipe {
+    fn name(&self) -> &str {
+        "test/pipe"
+    }
+
+    fn open(&self, _caller: &Caller, _flags: i32) -> Result<Handle, Errno> {
+        let mut state = self.state.lock();
+        if std::mem::take(&mut state.panic_next) {
+            drop(state);
+            panic!("open: a device model bug");
+        }
+        if state.open {
+            return Err(Errno::EBUSY);
+        }
+        state.open = true;
+        Ok(99)
+    }
+
+    fn read(
+        &self,
+        handle: Handle,
+        count: u32,
+        _offset: u64,
+        caller: &Caller,
+    ) -> Result<Vec<u8>, Errno> {
+        assert_eq!(handle, 99);
+        let mut state = self.state.lock();
+        if std::mem::take(&mut state.panic_next) {
+            drop(state);
+            panic!("read: a device model bug");
+        }
+        state.last_caller = Some((caller.pid, caller.uid, caller.gid));
+        if state.queued.is_empty() {
+            let _ = self.events.lock().unwrap().send(Event::ReaderSleeping);
+        }
+        state = self
+            .state
+            .wait_interruptible(state, &caller.interrupt, |s| !s.queued.is_empty())?;
+        let n = state.queued.len().min(count as usize);
+        Ok(state.queued.drain(..n).collect())
+    }
+
+    fn write(
+        &self,
+        _handle: Handle,
+        data: &[u8],
+        _offset: u64,
+        caller: &Caller,
+    ) -> Result<u32, Errno> {
+        let mut state = self.state.lock();
+        state.last_caller = Some((caller.pid, caller.uid, caller.gid));
+        state.queued.extend(data);
+        drop(state);
+        self.state.wake_all();
+        Ok(data.len() as u32)
+    }
+
+    fn poll(&self, _handle: Handle, waker: Option<PollWaker>) -> u32 {
+        let state = self.state.lock();
+        if !state.queued.is_empty() {
+            return poll_bits::POLLIN | poll_bits::POLLOUT;
+        }
+        if let Some(waker) = waker {
+            self.state.add_poller(waker);
+        }
+        poll_bits::POLLOUT
+    }
+
+    fn release(&self, _handle: Handle) {
+        self.state.lock().open = false;
+    }
+}
+
+/// A personality with one device and no nodes.
+struct OneDevice(Arc<Pipe>);
+
+impl RequestHandler for OneDevice {
+    fn init(&self, req: &Request<'_>, minor: u32) -> Reply {
+        fuse_init_reply(req.body, minor).into()
+    }
+
+    fn device_for_open(&self, nodeid: u64) -> Result<Arc<dyn Device>, Errno> {
+        match nodeid {
+            0 => Ok(self.0.clone()),
+            _ => Err(Errno::ENOENT),
+        }
+    }
+}
+
+/// The next message the engine sent on `sock`: (unique, error, body).
+fn recv_on(sock: &OwnedFd) -> (u64, i32, Vec<u8>) {
+    let mut fds = [PollFd::new(sock.as_fd(), PollFlags::POLLIN)];
+    let ready = nix::poll::poll(&mut fds, PollTimeout::try_from(LIMIT).unwrap()).unwrap();
+    assert_eq!(ready, 1, "no reply from the engine");
+    let mut buf = vec![0u8; 1 << 21];
+    let n = nix::unistd::read(sock.as_raw_fd(), &mut buf).unwrap();
+    let (header, body) = parse::<OutHeader>(&buf[..n]).unwrap();
+    assert_eq!(header.len as usize, n);
+    (header.unique, header.error, body.to_vec())
+}
+
+struct FakeKernel {
+    sock: OwnedFd,
+    session: Session,
+    pipe: Arc<Pipe>,
+    events: Receiver<Event>,
+}
+
+const LIMIT: Duration = Duration::from_secs(30);
+
+impl FakeKernel {
+    fn start() -> FakeKernel {
+        let (kernel_end, server_end) = socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )
+        .unwrap();
+        let (tx, events) = mpsc::channel();
+        let pipe = Arc::new(Pipe {
+            state: WaitState::new(PipeState::default()),
+            events: Mutex::new(tx),
+        });
+        let session =
+            Session::start(server_end, Arc::new(OneDevice(pipe.clone())), "fake").unwrap();
+        FakeKernel {
+            sock: kernel_end,
+            session,
+            pipe,
+            events,
+        }
+    }
+
+    fn send_raw(&self, bytes: &[u8]) {
+        assert_eq!(nix::unistd::write(&self.sock, bytes).unwrap(), bytes.len());
+    }
+
+    fn send(&self, opcode: Opcode, unique: u64, nodeid: u64, body: &[u8]) {
+        let header = InHeader {
+            len: (size_of::<InHeader>() + body.len()) as u32,
+            opcode: opcode.0,
+            unique,
+            nodeid,
+            uid: 1000,
+            gid: 100,
+            pid: 4242,
+            ..InHeader::default()
+        };
+        let mut bytes = header.as_bytes().to_vec();
+        bytes.extend_from_slice(body);
+        self.send_raw(&bytes);
+    }
+
+    /// The next message from the engine: (unique, error, body).
+    fn recv(&self) -> (u64, i32, Vec<u8>) {
+        recv_on(&self.sock)
+    }
+
+    fn expect_error(&self, unique: u64, errno: Errno) {
+        let (got_unique, error, _) = self.recv();
+        assert_eq!((got_unique, error), (unique, -(errno as i32)));
+    }
+
+    fn expect_ok(&self, unique: u64) -> Vec<u8> {
+        let (got_unique, error, body) = self.recv();
+        assert_eq!(
+            (got_unique, error),
+            (unique, 0),
+            "{:?}",
+            Errno::from_raw(-error)
+        );
+        body
+    }
+
+    fn init(&self) {
+        let init = InitIn {
+            major: 7,
+            minor: 45,
+            flags: init_flags::MAX_PAGES,
+            ..InitIn::default()
+        };
+        self.send(Opcode::INIT, 1, 0, init.as_bytes());
+        let body = self.expect_ok(1);
+        let (out, _) = parse::<InitOut>(&body).unwrap();
+        assert_eq!((out.major, out.minor, out.max_write), (7, 38, 1 << 20));
+    }
+
+    fn open(&self, unique: u64) -> u64 {
+        self.send(Opcode::OPEN, unique, 0, OpenIn::default().as_bytes());
+        let body = self.expect_ok(unique);
+        let (out, _) = parse::<OpenOut>(&body).unwrap();
+        assert_eq!(out.open_flags, fopen::DIRECT_IO);
+        out.fh
+    }
+
+    fn read_request(&self, unique: u64, fh: u64, size: u32) {
+        let read_in = ReadIn {
+            fh,
+            size,
+            ..ReadIn::default()
+        };
+        self.send(Opcode::READ, unique, 0, read_in.as_bytes());
+    }
+
+    fn write_request(&self, unique: u64, fh: u64, data: &[u8]) {
+        let write_in = WriteIn {
+            fh,
+            size: data.len() as u32,
+            ..WriteIn::default()
+        };
+        let mut body = write_in.as_bytes().to_vec();
+        body.extend_from_slice(data);
+        self.send(Opcode::WRITE, unique, 0, &body);
+    }
+
+    /// A request that is always answered (ENOSYS), to prove nothing came before it.
+    fn barrier(&self, unique: u64) {
+        self.send(Opcode::SYMLINK, unique, 0, b"");
+        self.expect_error(unique, Errno::ENOSYS);
+    }
+}
+
+#[test]
+fn init_with_another_major_is_eproto() {
+    let kernel = FakeKernel::start();
+    let init = InitIn {
+        major: 8,
+        minor: 0,
+        ..InitIn::default()
+    };
+    kernel.send(Opcode::INIT, 1, 0, init.as_bytes());
+    kernel.expect_error(1, Errno::EPROTO);
+}
+
+#[test]
+fn malformed_bodies_are_einval_and_the_session_goes_on() {
+    let kernel = FakeKernel::start();
+    kernel.init();
+    for (unique, opcode) in [
+        (2, Opcode::OPEN),
+        (3, Opcode::READ),
+        (4, Opcode::WRITE),
+        (5, Opcode::IOCTL),
+        (6, Opcode::POLL),
+        (7, Opcode::RELEASE),
+        (8, Opcode::FLUSH),
+    ] {
+        kernel.send(opcode, unique, 0, &[1, 2, 3]);
+        kernel.expect_error(unique, Errno::EINVAL);
+    }
+    // A WRITE announcing more data than it carries.
+    let write_in = WriteIn {
+        fh: 1,
+        size: 100,
+        ..WriteIn::default()
+    };
+    let mut body = write_in.as_bytes().to_vec();
+    body.extend_from_slice(b"short");
+    kernel.send(Opcode::WRITE, 9, 0, &body);
+    kernel.expect_error(9, Errno::EINVAL);
+    kernel.open(10);
+}
+
+#[test]
+fn lying_or_truncated_headers_do_not_kill_the_session() {
+    let kernel = FakeKernel::start();
+    kernel.init();
+    // Shorter than a header: nothing to answer to.
+    kernel.send_raw(&[0xff; 12]);
+    // A header that claims more bytes than were sent.
+    let header = InHeader {
+        len: 4096,
+        opcode: Opcode::GETATTR.0,
+        unique: 3,
+        ..InHeader::default()
+    };
+    kernel.send_raw(header.as_bytes());
+    kernel.expect_error(3, Errno::EIO);
+    // Extensions longer than the request.
+    let header = InHeader {
+        len: 40,
+        opcode: Opcode::GETATTR.0,
+        unique: 4,
+        total_extlen: 3,
+        ..InHeader::default()
+    };
+    kernel.send_raw(header.as_bytes());
+    kernel.expect_error(4, Errno::EIO);
+    kernel.barrier(5);
+}
+
+#[test]
+fn unknown_opcode_is_enosys_and_fsync_is_einval() {
+    let kernel = FakeKernel::start();
+    kernel.init();
+    kernel.send(Opcode(777), 2, 0, b"whatever");
+    kernel.expect_error(2, Errno::ENOSYS);
+    kernel.send(Opcode::FSYNC, 3, 0, &[0; 16]);
+    kernel.expect_error(3, Errno::EINVAL);
+}
+
+#[test]
+fn file_ops_on_an_unknown_fh_are_ebadf() {
+    let kernel = FakeKernel::start();
+    kernel.init();
+    kernel.read_request(2, 12345, 10);
+    kernel.expect_error(2, Errno::EBADF);
+    kernel.write_request(3, 12345, b"x");
+    kernel.expect_error(3, Errno::EBADF);
+    kernel.send(Opcode::OPEN, 4, 77, OpenIn::default().as_bytes());
+    kernel.expect_error(4, Errno::ENOENT);
+}
+
+#[test]
+fn interrupt_and_forget_are_never_answered() {
+    let kernel = FakeKernel::start();
+    kernel.init();
+    kernel.send(
+        Opcode::INTERRUPT,
+        2,
+        0,
+        InterruptIn { unique: 999 }.as_bytes(),
+    );
+    kernel.send(Opcode::INTERRUPT, 3, 0, b"x");
+    kernel.send(Opcode::FORGET, 4, 5, ForgetIn { nlookup: 1 }.as_bytes());
+    kernel.send(Opcode::BATCH_FORGET, 5, 0, b"");
+    kernel.barrier(6);
+}
+
+#[test]
+fn interrupt_ends_a_sleeping_read_with_eintr_and_a_write_still_flows() {
+    let kernel = FakeKernel::start();
+    kernel.init();
+    let fh = kernel.open(2);
+    kernel.read_request(10, fh, 64);
+    assert_eq!(
+        kernel.events.recv_timeout(LIMIT).unwrap(),
+        Event::ReaderSleeping
+    );
+
+    // The read sleeps in the device; a write is served meanwhile...
+    kernel.read_request(11, fh, 64);
+    assert_eq!(
+        kernel.events.recv_timeout(LIMIT).unwrap(),
+        Event::ReaderSleeping
+    );
+    kernel.send(
+        Opcode::INTERRUPT,
+        12 | 1,
+        0,
+        InterruptIn { unique: 10 }.as_bytes(),
+    );
+    kernel.expect_error(10, Errno::EINTR);
+
+    // ...and the other sleeper gets the data.
+    kernel.write_request(13, fh, b"data");
+    let mut replies = [kernel.recv(), kernel.recv()];
+    replies.sort();
+    assert_eq!(replies[0], (11, 0, b"data".to_vec()));
+    let (unique, error, body) = &replies[1];
+    assert_eq!((*unique, *error), (13, 0));
+    assert_eq!(parse::<WriteOut>(body).unwrap().0.size, 4);
+    assert_eq!(
+        kernel.pipe.state.lock().last_caller,
+        Some((4242, 1000, 100))
+    );
+
+    // An interrupt for the finished request is ignored.
+    kernel.send(
+        Opcode::INTERRUPT,
+        14 | 1,
+        0,
+        InterruptIn { unique: 10 }.as_bytes(),
+    );
+    kernel.barrier(15);
+}
+
+#[test]
+fn release_is_served_before_the_open_that_follows_it() {
+    let kernel = FakeKernel::start();
+    kernel.init();
+    let fh = kernel.open(2);
+    kernel.send(Opcode::OPEN, 3, 0, OpenIn::default().as_bytes());
+    kernel.expect_error(3, Errno::EBUSY);
+    let release = ReleaseIn {
+        fh,
+        ..ReleaseIn::default()
+    };
+    // Sent back to back, as the kernel queues an async RELEASE and the next OPEN.
+    kernel.send(Opcode::RELEASE, 4, 0, release.as_bytes());
+    kernel.send(Opcode::OPEN, 5, 0, OpenIn::default().as_bytes());
+    kernel.expect_ok(4);
+    kernel.expect_ok(5);
+}
+
+#[test]
+fn poll_with_schedule_notify_sends_a_notification_on_wakeup() {
+    let kernel = FakeKernel::start();
+    kernel.init();
+    let fh = kernel.open(2);
+    let poll_in = PollIn {
+        fh,
+        kh: 0xabcd,
+        flags: FUSE_POLL_SCHEDULE_NOTIFY,
+        events: poll_bits::POLLIN,
+    };
+    kernel.send(Opcode::POLL, 3, 0, poll_in.as_bytes());
+    let body = kernel.expect_ok(3);
+    assert_eq!(
+        parse::<PollOut>(&body).unwrap().0.revents,
+        poll_bits::POLLOUT
+    );
+
+    kernel.write_request(4, fh, b"x");
+    let mut messages = [kernel.recv(), kernel.recv()];
+    messages.sort();
+    let (unique, code, body) = &messages[0];
+    assert_eq!((*unique, *code), (0, FUSE_NOTIFY_POLL));
+    assert_eq!(parse::<NotifyPollWakeupOut>(body).unwrap().0.kh, 0xabcd);
+    assert_eq!(messages[1].0, 4);
+}
+
+#[test]
+fn ioctl_without_driver_support_is_enotty() {
+    let kernel = FakeKernel::start();
+    kernel.init();
+    let fh = kernel.open(2);
+    let ioctl_in = IoctlIn {
+        fh,
+        cmd: 0x4008_4d01,
+        in_size: 4,
+        out_size: 8,
+        ..IoctlIn::default()
+    };
+    let mut body = ioctl_in.as_bytes().to_vec();
+    body.extend_from_slice(b"1234");
+    kernel.send(Opcode::IOCTL, 3, 0, &body);
+    kernel.expect_error(3, Errno::ENOTTY);
+}
+
+#[test]
+fn destroy_is_answered_and_ends_the_session_releasing_open_files() {
+    let kernel = FakeKernel::start();
+    kernel.init();
+    kernel.open(2);
+    kernel.send(Opcode::DESTROY, 3, 0, b"");
+    kernel.expect_ok(3);
+    let FakeKernel {
+        mut session, pipe, ..
+    } = kernel;
+    session.stop();
+    assert!(session.is_finished());
+    assert!(!pipe.state.lock().open);
+}
+
+#[test]
+fn stopping_interrupts_a_sleeping_read() {
+    let kernel = FakeKernel::start();
+    kernel.init();
+    let fh = kernel.open(2);
+    kernel.read_request(3, fh, 64);
+    assert_eq!(
+        kernel.events.recv_timeout(LIMIT).unwrap(),
+        Event::ReaderSleeping
+    );
+    let FakeKernel {
+        sock, mut session, ..
+    } = kernel;
+    session.stop();
+    let (unique, error, _) = recv_on(&sock);
+    assert_eq!((unique, error), (3, -(Errno::EINTR as i32)));
+}
+
+#[test]
+fn a_panicking_device_gets_eio_and_the_session_goes_on() {
+    let kernel = FakeKernel::start();
+    kernel.init();
+    kernel.pipe.state.lock().panic_next = true;
+    kernel.send(Opcode::OPEN, 2, 0, OpenIn::default().as_bytes());
+    kernel.expect_error(2, Errno::EIO);
+    let fh = kernel.open(3);
+    kernel.pipe.state.lock().panic_next = true;
+    kernel.read_request(4, fh, 8);
+    kernel.expect_error(4, Errno::EIO);
+    kernel.write_request(5, fh, b"ok");
+    kernel.expect_ok(5);
+    kernel.read_request(6, fh, 8);
+    assert_eq!(kernel.expect_ok(6), b"ok");
+}

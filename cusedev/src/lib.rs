@@ -1,0 +1,12 @@
+//! cusedev: Linux misc character devices served from userspace.
+//!
+//! A kernel driver split at the `file_operations` line: the daemon above it stays real, the
+//! driver below it is a [`device::Device`] model, reached through a frontend (a FUSE mount
+//! here, CUSE where the kernel has it) and talking to its host over the [`bus`].
+
+pub mod bus;
+pub mod device;
+pub mod devices;
+pub mod fuse;
+pub mod profile;
+pub mod wait;

@@ -1,0 +1,150 @@
+//! `cusedev serve`: connects to a (fake) host and serves the devices it offers.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::thread;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use log::{error, info};
+use nix::sys::signal::{SigSet, Signal};
+use vmbus::address::BusAddress;
+
+use cusedev::bus::client::{BusClient, DeviceRegistry};
+use cusedev::device::Device;
+use cusedev::fuse::FuseFrontend;
+use cusedev::profile::KernelProfile;
+
+const ABOUT: &str = "Serve Linux misc character devices (/dev/vmbus/hv_fcopy, ...) from \
+userspace, backed by a host reached over the cusedev bus.";
+
+const LONG_ABOUT: &str = "\
+Serve Linux misc character devices (/dev/vmbus/hv_fcopy, ...) from userspace, backed by a host
+reached over the cusedev bus, so that unmodified daemons such as Debian's hv_fcopy_daemon run
+without Hyper-V.
+
+Which --kernel profile to choose:
+  linux-6.1   (default) the drivers of Linux 4.x-6.9, which Debian's packaged daemons
+              (hyperv-daemons 6.1) are written for. Use this to run the real daemons.
+  linux-3.14  the 2014 hv_fcopy driver exactly. The unmodified 6.1 daemon cannot register
+              with it (it writes version 1; the 2014 driver accepts only 0 and never replies),
+              so use it only to test software written for that driver.
+
+Frontends: CUSE gives real character devices; where the kernel has no CUSE (no /dev/cuse) a
+FUSE mount over /dev/vmbus serves the same operations with the same errnos, and stat() shows a
+regular file instead of a character device.";
+
+#[derive(Parser)]
+#[command(name = "cusedev", version, about = ABOUT, long_about = LONG_ABOUT)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Connect to the host and serve every device it offers until stopped (SIGINT/SIGTERM).
+    #[command(
+        after_help = "Example:\n  cusedev serve --host unix:/run/cusedev/bus.sock --frontend fuse"
+    )]
+    Serve(ServeArgs),
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// Where the host listens: unix:PATH (vsock:CID:PORT comes with the vhost backend).
+    #[arg(long, default_value = "unix:/run/cusedev/bus.sock")]
+    host: BusAddress,
+    /// How device nodes are made: cuse (real character devices), fuse (a FUSE mount over the
+    /// device's directory), or auto (CUSE when available, else FUSE).
+    #[arg(long, value_enum, default_value_t = FrontendChoice::Auto)]
+    frontend: FrontendChoice,
+    /// Which kernel's driver behaviour to reproduce (see above).
+    #[arg(long, value_enum, default_value_t = KernelProfile::Linux6_1)]
+    kernel: KernelProfile,
+    /// The directory device names are relative to.
+    #[arg(long, default_value = "/dev")]
+    dev_root: PathBuf,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum FrontendChoice {
+    Auto,
+    Cuse,
+    Fuse,
+}
+
+/// The FUSE frontend as the bus sees it.
+struct FuseRegistry(FuseFrontend);
+
+impl DeviceRegistry for FuseRegistry {
+    fn add_device(&self, device: Arc<dyn Device>) -> Result<(), String> {
+        self.0.add_device(device).map_err(|e| e.to_string())
+    }
+
+    fn remove_device(&self, name: &str) {
+        if let Err(e) = self.0.remove_device(name) {
+            error!("removing /dev/{name}: {e}");
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let Command::Serve(args) = Cli::parse().command;
+    serve(args)
+}
+
+fn serve(args: ServeArgs) -> ExitCode {
+    match args.frontend {
+        FrontendChoice::Cuse => {
+            error!("the CUSE frontend is not available in this build yet; use --frontend fuse");
+            return ExitCode::from(2);
+        }
+        FrontendChoice::Auto => info!(
+            "frontend: FUSE mount under {} (auto: this build serves CUSE devices not yet{})",
+            args.dev_root.display(),
+            if std::path::Path::new("/dev/cuse").exists() {
+                ""
+            } else {
+                ", and there is no /dev/cuse"
+            }
+        ),
+        FrontendChoice::Fuse => info!("frontend: FUSE mount under {}", args.dev_root.display()),
+    }
+
+    // Signals are taken by one thread with sigwait(); block them before any thread starts so
+    // every thread inherits the mask.
+    let mut stop_signals = SigSet::empty();
+    for signal in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
+        stop_signals.add(signal);
+    }
+    if let Err(e) = stop_signals.thread_block() {
+        error!("cannot block signals: {e}");
+        return ExitCode::FAILURE;
+    }
+
+    let registry = Arc::new(FuseRegistry(FuseFrontend::new(&args.dev_root)));
+    let client = BusClient::new(args.host, args.kernel, registry.clone());
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<ExitCode>();
+    let bus_done = done_tx.clone();
+    thread::spawn(move || {
+        let code = match client.run() {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                error!("{e}");
+                ExitCode::FAILURE
+            }
+        };
+        let _ = bus_done.send(code);
+    });
+    thread::spawn(move || {
+        if let Ok(signal) = stop_signals.wait() {
+            info!("{signal}: stopping");
+        }
+        let _ = done_tx.send(ExitCode::SUCCESS);
+    });
+    let code = done_rx.recv().unwrap_or(ExitCode::FAILURE);
+    registry.0.shutdown();
+    code
+}

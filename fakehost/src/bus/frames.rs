@@ -1,0 +1,189 @@
+//! Reading and writing bus frames (`vmbus::stream`) on a Unix stream.
+//!
+//! One stream is read by exactly one thread (its connection thread) and written by whoever has
+//! something to say (the session, a service, the control socket), so writes go through a small
+//! lock that keeps each frame contiguous. The stream itself is shared as `Arc<UnixStream>`:
+//! `&UnixStream` reads and writes, and `shutdown()` needs no lock, which is how any thread can
+//! end a stream whose reader is blocked.
+
+use std::io::{self, Read, Write};
+use std::net::Shutdown;
+use std::os::unix::net::UnixStream;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use vmbus::stream::{self, FrameHeader, FRAME_HEADER_LEN, MAX_FRAME_BODY};
+use vmbus::WireError;
+
+/// How long a write may block on a guest that does not read before we give up on the stream.
+/// Frames are small (one fcopy fragment is ~6 KiB) and one transaction is in flight at a time,
+/// so a full socket buffer means the guest is stuck, not slow.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Why no frame could be read.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    /// The socket failed (reset, timeout, ...).
+    #[error("{0}")]
+    Io(#[from] io::Error),
+    /// The header is not a valid frame header.
+    #[error("bad frame header: {0}")]
+    Header(WireError),
+    /// The header announces more than the bus allows.
+    #[error("frame of {len} bytes exceeds the bus limit of {max}")]
+    TooLong {
+        /// Announced body length.
+        len: u32,
+        /// [`MAX_FRAME_BODY`].
+        max: usize,
+    },
+    /// The stream ended inside a frame.
+    #[error("stream ended in the middle of a frame ({got} of {need} bytes)")]
+    Truncated {
+        /// Bytes expected.
+        need: usize,
+        /// Bytes received before the end.
+        got: usize,
+    },
+}
+
+/// One frame: its kind (`vmbus::stream::kind`) and body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Frame {
+    /// HELLO, CONTROL or PACKET.
+    pub kind: u16,
+    /// The body (without the 8-byte frame header).
+    pub body: Vec<u8>,
+}
+
+/// Reads one frame. `Ok(None)` is a clean end of stream at a frame boundary.
+pub fn read_frame(mut reader: impl Read) -> Result<Option<Frame>, FrameError> {
+    let mut header = [0u8; FRAME_HEADER_LEN];
+    let got = read_full(&mut reader, &mut header)?;
+    if got == 0 {
+        return Ok(None);
+    }
+    if got < header.len() {
+        return Err(FrameError::Truncated {
+            need: header.len(),
+            got,
+        });
+    }
+    let header = FrameHeader::parse(&header).map_err(FrameError::Header)?;
+    let len = usize::try_from(header.len).unwrap_or(usize::MAX);
+    if len > MAX_FRAME_BODY {
+        return Err(FrameError::TooLong {
+            len: header.len,
+            max: MAX_FRAME_BODY,
+        });
+    }
+    let mut body = vec![0u8; len];
+    let got = read_full(&mut reader, &mut body)?;
+    if got < len {
+        return Err(FrameError::Truncated { need: len, got });
+    }
+    Ok(Some(Frame {
+        kind: header.kind,
+        body,
+    }))
+}
+
+/// Reads until `buf` is full or the stream ends; returns how many bytes were read.
+fn read_full(reader: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match reader.read(&mut buf[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(filled)
+}
+
+/// The writing half of a bus stream, shared by everyone who sends on it.
+#[derive(Debug)]
+pub struct FrameWriter {
+    stream: Arc<UnixStream>,
+    write_lock: Mutex<()>,
+}
+
+impl FrameWriter {
+    /// Wraps a stream; sets its write timeout to [`WRITE_TIMEOUT`].
+    pub fn new(stream: Arc<UnixStream>) -> FrameWriter {
+        if let Err(e) = stream.set_write_timeout(Some(WRITE_TIMEOUT)) {
+            log::warn!("cannot set a write timeout on a bus stream: {e}");
+        }
+        FrameWriter {
+            stream,
+            write_lock: Mutex::new(()),
+        }
+    }
+
+    /// Sends one frame. On failure the stream is shut down, so its reader ends too and the
+    /// owner learns that the peer is gone in one place.
+    pub fn send(&self, kind: u16, body: &[u8]) -> io::Result<()> {
+        let frame = stream::encode_frame(kind, body);
+        let result = {
+            let _guard = self.write_lock.lock().unwrap_or_else(|e| e.into_inner());
+            (&*self.stream).write_all(&frame)
+        };
+        if let Err(e) = &result {
+            log::warn!("bus write failed ({e}); closing that stream");
+            self.shutdown();
+        }
+        result
+    }
+
+    /// Ends the stream in both directions (wakes its blocked reader).
+    pub fn shutdown(&self) {
+        // NotConnected just means the peer already went; nothing else to do either way.
+        let _ = self.stream.shutdown(Shutdown::Both);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frame_round_trips_through_a_socket() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let writer = FrameWriter::new(Arc::new(a));
+        writer.send(stream::kind::CONTROL, b"hello").unwrap();
+        let frame = read_frame(&b).unwrap().unwrap();
+        assert_eq!(frame.kind, stream::kind::CONTROL);
+        assert_eq!(frame.body, b"hello");
+    }
+
+    #[test]
+    fn clean_end_is_none_and_a_cut_header_is_truncated() {
+        assert!(read_frame(&[][..]).unwrap().is_none());
+        assert!(matches!(
+            read_frame(&[1, 0, 0][..]),
+            Err(FrameError::Truncated { need: 8, got: 3 })
+        ));
+    }
+
+    #[test]
+    fn cut_body_is_truncated() {
+        let mut bytes = stream::encode_frame(stream::kind::CONTROL, &[7; 16]);
+        bytes.truncate(bytes.len() - 4);
+        assert!(matches!(
+            read_frame(&bytes[..]),
+            Err(FrameError::Truncated { need: 16, got: 12 })
+        ));
+    }
+
+    #[test]
+    fn oversized_frame_is_refused_before_allocating() {
+        let mut bytes = (u32::MAX).to_le_bytes().to_vec();
+        bytes.extend_from_slice(&stream::kind::PACKET.to_le_bytes());
+        bytes.extend_from_slice(&[0, 0]);
+        assert!(matches!(
+            read_frame(&bytes[..]),
+            Err(FrameError::Header(_) | FrameError::TooLong { .. })
+        ));
+    }
+}

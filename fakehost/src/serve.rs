@@ -1,0 +1,217 @@
+//! `fakehost serve`: the bus socket, the control socket and the threads behind them.
+
+use std::io;
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use vmbus::address::BusAddress;
+
+use crate::bus::{self, Bus, ChannelService};
+use crate::control::server::{self as control_server, Control};
+use crate::fcopy::FcopyHost;
+use crate::service::ServiceKind;
+use crate::sockets::{self, SocketError};
+
+/// Mode of the bus socket: the guest side (cusedev, root) and members of the socket's group.
+pub const BUS_SOCKET_MODE: u32 = 0o660;
+/// Mode of the control socket: whoever runs `fakehost serve` only (root): the control socket
+/// copies files into the guest as root, so it is not for everyone.
+pub const CONTROL_SOCKET_MODE: u32 = 0o600;
+
+/// What to serve.
+#[derive(Debug, Clone)]
+pub struct HostConfig {
+    /// The bus address (`unix:/run/cusedev/bus.sock`).
+    pub listen: BusAddress,
+    /// The control socket path.
+    pub control: PathBuf,
+    /// Services offered from the start.
+    pub offers: Vec<ServiceKind>,
+    /// How long the guest has to answer one fcopy step.
+    pub step_timeout: Duration,
+}
+
+/// Why the host could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// vsock needs the vhost backend, which does not exist yet.
+    #[error(
+        "cannot listen on {0}: vsock bus addresses are not supported yet (they come with the \
+         vhost backend); use a unix: address"
+    )]
+    VsockUnsupported(String),
+    /// Both sockets on one path.
+    #[error("the bus socket and the control socket must be different paths ({0})")]
+    SamePath(PathBuf),
+    /// The bus socket could not be set up.
+    #[error("bus socket: {0}")]
+    Bus(SocketError),
+    /// The control socket could not be set up.
+    #[error("control socket: {0}")]
+    Control(SocketError),
+    /// A thread could not be started.
+    #[error("cannot start a thread: {0}")]
+    Thread(io::Error),
+}
+
+/// A socket file we created, remembered by inode so we never delete someone else's.
+#[derive(Debug)]
+struct OwnedSocketFile {
+    path: PathBuf,
+    dev_ino: Option<(u64, u64)>,
+}
+
+impl OwnedSocketFile {
+    fn new(path: &Path) -> OwnedSocketFile {
+        let dev_ino = std::fs::symlink_metadata(path)
+            .ok()
+            .map(|m| (m.dev(), m.ino()));
+        OwnedSocketFile {
+            path: path.to_owned(),
+            dev_ino,
+        }
+    }
+
+    fn remove(&self) {
+        let current = std::fs::symlink_metadata(&self.path)
+            .ok()
+            .map(|m| (m.dev(), m.ino()));
+        if current.is_some() && current == self.dev_ino {
+            if let Err(e) = std::fs::remove_file(&self.path) {
+                log::warn!("cannot remove {}: {e}", self.path.display());
+            }
+        }
+    }
+}
+
+/// A running host. Dropping it stops the listeners and removes the socket files.
+pub struct RunningHost {
+    bus: Arc<Bus>,
+    fcopy: Arc<FcopyHost>,
+    files: Vec<OwnedSocketFile>,
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl RunningHost {
+    /// Binds both sockets and starts accepting.
+    pub fn start(config: &HostConfig) -> Result<RunningHost, ServeError> {
+        let bus_path = match &config.listen {
+            BusAddress::Unix(path) => path.clone(),
+            other => return Err(ServeError::VsockUnsupported(other.to_string())),
+        };
+        if bus_path == config.control {
+            return Err(ServeError::SamePath(bus_path));
+        }
+        sockets::prepare_socket_path(&bus_path).map_err(ServeError::Bus)?;
+        let bus_listener =
+            sockets::bind_listener(&bus_path, BUS_SOCKET_MODE).map_err(ServeError::Bus)?;
+        let bus_file = OwnedSocketFile::new(&bus_path);
+        let control_listener = sockets::prepare_socket_path(&config.control)
+            .and_then(|()| sockets::bind_listener(&config.control, CONTROL_SOCKET_MODE));
+        let control_listener = match control_listener {
+            Ok(listener) => listener,
+            Err(e) => {
+                bus_file.remove();
+                return Err(ServeError::Control(e));
+            }
+        };
+        let control_file = OwnedSocketFile::new(&config.control);
+
+        let fcopy = Arc::new(FcopyHost::new(config.step_timeout));
+        let services: Vec<(ServiceKind, Arc<dyn ChannelService>)> = vec![(
+            ServiceKind::Fcopy,
+            Arc::clone(&fcopy) as Arc<dyn ChannelService>,
+        )];
+        let bus = Bus::new(&config.offers, services);
+        let control = Arc::new(Control {
+            bus: Arc::clone(&bus),
+            fcopy: Arc::clone(&fcopy),
+        });
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut host = RunningHost {
+            bus: Arc::clone(&bus),
+            fcopy,
+            files: vec![bus_file, control_file],
+            stop: Arc::clone(&stop),
+            threads: Vec::new(),
+        };
+        let bus_stop = Arc::clone(&stop);
+        host.spawn("bus-accept", move || {
+            bus::listener::run(bus, bus_listener, bus_stop)
+        })?;
+        host.spawn("control-accept", move || {
+            control_server::run(control, control_listener, stop)
+        })?;
+        log::info!(
+            "listening: bus on unix:{} (mode {BUS_SOCKET_MODE:o}), control on {} (mode \
+             {CONTROL_SOCKET_MODE:o}); offering {}; step timeout {} s",
+            bus_path.display(),
+            config.control.display(),
+            if config.offers.is_empty() {
+                "nothing".to_owned()
+            } else {
+                config
+                    .offers
+                    .iter()
+                    .map(|s| s.name())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            },
+            config.step_timeout.as_secs_f64()
+        );
+        Ok(host)
+    }
+
+    fn spawn(&mut self, name: &str, f: impl FnOnce() + Send + 'static) -> Result<(), ServeError> {
+        let handle = std::thread::Builder::new()
+            .name(name.to_owned())
+            .spawn(f)
+            .map_err(ServeError::Thread)?;
+        self.threads.push(handle);
+        Ok(())
+    }
+
+    /// The bus.
+    pub fn bus(&self) -> &Arc<Bus> {
+        &self.bus
+    }
+
+    /// The fcopy host.
+    pub fn fcopy(&self) -> &Arc<FcopyHost> {
+        &self.fcopy
+    }
+
+    /// Stops accepting and removes the socket files. Connected streams are left to the
+    /// process's exit.
+    pub fn shutdown(mut self) {
+        self.stop_now();
+    }
+
+    fn stop_now(&mut self) {
+        if self.stop.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        // Wake each accept loop so it sees the flag. The threads are not joined: if someone
+        // removed a socket file the wake-up cannot arrive, and waiting forever would be worse
+        // than leaving a thread blocked in accept() until the process exits.
+        for file in &self.files {
+            let _ = UnixStream::connect(&file.path);
+        }
+        self.threads.clear();
+        for file in &self.files {
+            file.remove();
+        }
+    }
+}
+
+impl Drop for RunningHost {
+    fn drop(&mut self) {
+        self.stop_now();
+    }
+}

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# make demo: Debian's unmodified hv_fcopy_daemon receives the fixtures from fakehost through
+# /dev/vmbus/hv_fcopy served by cusedev on a FUSE mount, in a private mount namespace (nothing
+# stays mounted afterwards). Usage: demo.sh BIN_DIR
+set -euo pipefail
+top=$(cd "$(dirname "$0")/../.." && pwd)
+bin=$(cd "${1:-$top/target/release}" && pwd)
+
+if [ -z "${CUSEDEV_IN_NAMESPACE:-}" ]; then
+    exec env CUSEDEV_IN_NAMESPACE=1 unshare --mount --propagation private "$0" "$bin"
+fi
+
+. "$top/tests/scripts/lib.sh"
+work=$top/build/demo
+rm -rf "$work"; mkdir -p "$work/guest"
+trap rig_stop EXIT
+
+echo "== starting fakehost, cusedev (FUSE) and /usr/sbin/hv_fcopy_daemon -n (logs in $work)"
+rig_start "$bin" "$work"
+
+echo "== copying the fixtures into the guest at $work/guest/incoming/"
+"$bin/fakehost" copy "$top/fixtures/hello.txt" "$work/guest/incoming/" --create-path
+"$bin/fakehost" copy "$top/fixtures/sample.bin" "$work/guest/incoming/" --create-path
+
+echo "== trying again without --overwrite (the guest must refuse)"
+if "$bin/fakehost" copy "$top/fixtures/hello.txt" "$work/guest/incoming/"; then
+    echo "demo: the second copy should have failed with 0x80070050" >&2; exit 1
+fi
+
+echo "== checking content"
+for f in hello.txt sample.bin; do
+    cmp "$top/fixtures/$f" "$work/guest/incoming/$f"
+    echo "   $f: identical ($(stat -c %s "$work/guest/incoming/$f") bytes)"
+done
+echo "== demo passed"

@@ -1,0 +1,310 @@
+//! Starting the real pieces for an end-to-end test: fakehost, cusedev on a FUSE mount, and
+//! Debian's unmodified hv_fcopy_daemon, inside the calling thread's private mount namespace.
+//!
+//! Readiness is awaited on log lines the programs print (the host says it listens, cusedev says
+//! which node it serves, the driver says a daemon registered), never on sleeps.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// Where Debian's hyperv-daemons puts the fcopy daemon.
+pub const FCOPY_DAEMON: &str = "/usr/sbin/hv_fcopy_daemon";
+
+/// The node the daemon opens; fixed in the daemon's source.
+pub const FCOPY_NODE: &str = "/dev/vmbus/hv_fcopy";
+
+/// How long any readiness wait may take before the test fails with the log it has seen.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A workspace binary built next to the test executable (`target/<profile>/NAME`).
+pub fn workspace_binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test>-<hash> → target/<profile>/<name>
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test executable lives in target/<profile>/deps");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build the workspace binaries first (`cargo build --workspace --bins`, \
+         which `make test` does)",
+        path.display()
+    );
+    path
+}
+
+/// A fresh directory for one test's sockets and files.
+pub fn scratch_dir(test: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("cusedev-test-{}-{test}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("create scratch dir");
+    dir
+}
+
+/// Lines a child printed on stderr, shared with the thread that collects them.
+#[derive(Default)]
+struct LogBook {
+    lines: Mutex<Vec<String>>,
+    grew: Condvar,
+}
+
+/// A child process whose stderr is collected (and echoed with a prefix, so a failing test
+/// shows what each program said). Killed when dropped.
+pub struct Supervised {
+    pub name: &'static str,
+    child: Child,
+    log: Arc<LogBook>,
+}
+
+impl Supervised {
+    pub fn spawn(name: &'static str, command: &mut Command) -> Supervised {
+        let mut child = command
+            .stdin(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        let log = Arc::new(LogBook::default());
+        let stderr = child.stderr.take().expect("piped stderr");
+        let book = log.clone();
+        thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                eprintln!("[{name}] {line}");
+                book.lines.lock().unwrap().push(line);
+                book.grew.notify_all();
+            }
+        });
+        Supervised { name, child, log }
+    }
+
+    /// Waits until a stderr line contains `needle`, counting from line `from`; returns the
+    /// index after the matching line.
+    pub fn wait_for_log_from(&self, from: usize, needle: &str) -> usize {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        let mut lines = self.log.lines.lock().unwrap();
+        loop {
+            if let Some(i) = lines.iter().skip(from).position(|l| l.contains(needle)) {
+                return from + i + 1;
+            }
+            let now = Instant::now();
+            assert!(
+                now < deadline,
+                "{} never logged {needle:?}; it said:\n{}",
+                self.name,
+                lines.join("\n")
+            );
+            lines = self.log.grew.wait_timeout(lines, deadline - now).unwrap().0;
+        }
+    }
+
+    pub fn wait_for_log(&self, needle: &str) -> usize {
+        self.wait_for_log_from(0, needle)
+    }
+
+    /// How many lines have been logged so far (a mark for `wait_for_log_from`).
+    pub fn log_mark(&self) -> usize {
+        self.log.lines.lock().unwrap().len()
+    }
+
+    pub fn log_contains(&self, needle: &str) -> bool {
+        self.log
+            .lines
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.contains(needle))
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGKILL and reap.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Waits for the process to exit on its own (bounded).
+    pub fn wait_exit(&mut self) -> ExitStatus {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "{} did not exit", self.name);
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn try_exit(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().expect("try_wait")
+    }
+}
+
+impl Drop for Supervised {
+    fn drop(&mut self) {
+        // SIGTERM first so cusedev unmounts cleanly; the namespace makes leftovers harmless.
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+        self.kill();
+    }
+}
+
+/// fakehost + cusedev (FUSE) wired together in one scratch directory.
+pub struct Rig {
+    pub dir: PathBuf,
+    pub host: Supervised,
+    pub guest: Supervised,
+}
+
+impl Rig {
+    /// Starts the host and the guest with the given kernel profile and waits until the fcopy
+    /// node is served. The caller must already be in a private mount namespace.
+    pub fn start(test: &str, kernel: &str) -> Rig {
+        Rig::start_with(test, kernel, &[])
+    }
+
+    pub fn start_with(test: &str, kernel: &str, host_args: &[&str]) -> Rig {
+        let dir = scratch_dir(test);
+        let bus = dir.join("bus.sock");
+        let control = dir.join("ctl.sock");
+        let host = Supervised::spawn(
+            "fakehost",
+            Command::new(workspace_binary("fakehost"))
+                .arg("serve")
+                .arg("--listen")
+                .arg(format!("unix:{}", bus.display()))
+                .arg("--control")
+                .arg(&control)
+                .args(host_args)
+                .env("RUST_LOG", "info"),
+        );
+        host.wait_for_log("listening");
+        let guest = Supervised::spawn(
+            "cusedev",
+            Command::new(workspace_binary("cusedev"))
+                .arg("serve")
+                .arg("--host")
+                .arg(format!("unix:{}", bus.display()))
+                .arg("--frontend")
+                .arg("fuse")
+                .arg("--kernel")
+                .arg(kernel)
+                .env("RUST_LOG", "info"),
+        );
+        guest.wait_for_log(&format!("serving {FCOPY_NODE}"));
+        Rig { dir, host, guest }
+    }
+
+    pub fn control_socket(&self) -> PathBuf {
+        self.dir.join("ctl.sock")
+    }
+
+    /// Runs `fakehost <args>` against this rig's host and returns its output.
+    pub fn fakehost(&self, args: &[&str]) -> Output {
+        let output = Command::new(workspace_binary("fakehost"))
+            .args(args)
+            .env("FAKEHOST_CONTROL", self.control_socket())
+            .stdin(Stdio::null())
+            .output()
+            .expect("run fakehost CLI");
+        eprintln!(
+            "[fakehost {}] exit {:?}\n{}{}",
+            args.join(" "),
+            output.status.code(),
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        output
+    }
+
+    /// Starts `fakehost <args>` in the background (for copies a test interferes with).
+    pub fn fakehost_spawn(&self, args: &[&str]) -> Child {
+        Command::new(workspace_binary("fakehost"))
+            .args(args)
+            .env("FAKEHOST_CONTROL", self.control_socket())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start fakehost CLI")
+    }
+
+    /// Starts Debian's daemon in the foreground mode its systemd unit uses and waits until
+    /// the driver has its registration.
+    pub fn start_daemon(&self) -> Supervised {
+        assert!(
+            Path::new(FCOPY_DAEMON).exists(),
+            "{FCOPY_DAEMON} is missing: install Debian's hyperv-daemons (make test does)"
+        );
+        let mark = self.guest.log_mark();
+        let daemon = Supervised::spawn("hv_fcopy_daemon", Command::new(FCOPY_DAEMON).arg("-n"));
+        self.guest.wait_for_log_from(mark, "registered");
+        daemon
+    }
+}
+
+/// Mounts a tmpfs of `size` (e.g. "64m") at `dir` inside the caller's mount namespace.
+pub fn mount_tmpfs(dir: &Path, size: &str) {
+    std::fs::create_dir_all(dir).expect("create tmpfs mount point");
+    nix::mount::mount(
+        Some("tmpfs"),
+        dir,
+        Some("tmpfs"),
+        nix::mount::MsFlags::empty(),
+        Some(format!("size={size},mode=0755").as_str()),
+    )
+    .unwrap_or_else(|e| panic!("mount tmpfs at {}: {e}", dir.display()));
+}
+
+/// Writes `len` bytes of deterministic pseudo-random content (xorshift64*), so copies of
+/// different files never match by accident.
+pub fn write_pattern_file(path: &Path, len: u64, seed: u64) {
+    use std::io::Write;
+    let mut file = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(path).unwrap());
+    let mut state = seed | 1;
+    let mut left = len;
+    while left > 0 {
+        state ^= state >> 12;
+        state ^= state << 25;
+        state ^= state >> 27;
+        let word = state.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes();
+        let n = left.min(8) as usize;
+        file.write_all(&word[..n]).unwrap();
+        left -= n as u64;
+    }
+    file.flush().unwrap();
+}
+
+/// sha256 of a file, by coreutils' sha256sum.
+pub fn sha256(path: &Path) -> String {
+    let output = Command::new("sha256sum")
+        .arg(path)
+        .output()
+        .expect("run sha256sum");
+    assert!(
+        output.status.success(),
+        "sha256sum {} failed",
+        path.display()
+    );
+    String::from_utf8_lossy(&output.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
