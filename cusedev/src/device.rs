@@ -39,6 +39,8 @@ pub mod poll_bits {
 /// user data: anything that touches the caller's memory or descriptors must go through it.
 #[derive(Debug, Clone)]
 pub struct Caller {
+    /// The kernel's `current->pid`: the id of the calling *thread* (equal to the process id
+    /// for a single-threaded daemon). Valid for `process_vm_readv` and `/proc/<pid>`.
     pub pid: u32,
     pub uid: u32,
     pub gid: u32,

@@ -18,17 +18,21 @@ use cusedev::profile::KernelProfile;
 const ABOUT: &str = "Serve Linux misc character devices (/dev/vmbus/hv_fcopy, ...) from \
 userspace, backed by a host reached over the cusedev bus.";
 
-const LONG_ABOUT: &str = "\
-Serve Linux misc character devices (/dev/vmbus/hv_fcopy, ...) from userspace, backed by a host
-reached over the cusedev bus, so that unmodified daemons such as Debian's hv_fcopy_daemon run
-without Hyper-V.
-
+const SERVE_LONG_ABOUT: &str = "\
 Which --kernel profile to choose:
   linux-6.1   (default) the drivers of Linux 4.x-6.9, which Debian's packaged daemons
               (hyperv-daemons 6.1) are written for. Use this to run the real daemons.
   linux-3.14  the 2014 hv_fcopy driver exactly. The unmodified 6.1 daemon cannot register
               with it (it writes version 1; the 2014 driver accepts only 0 and never replies),
               so use it only to test software written for that driver.
+
+Connects to the host and serves every device it offers until stopped (SIGINT/SIGTERM).
+Device nodes come and go with the host's offers and rescinds.";
+
+const LONG_ABOUT: &str = "\
+Serve Linux misc character devices (/dev/vmbus/hv_fcopy, ...) from userspace, backed by a host
+reached over the cusedev bus, so that unmodified daemons such as Debian's hv_fcopy_daemon run
+without Hyper-V. `cusedev serve --help` says which --kernel profile to choose.
 
 Frontends: CUSE gives real character devices; where the kernel has no CUSE (no /dev/cuse) a
 FUSE mount over /dev/vmbus serves the same operations with the same errnos, and stat() shows a
@@ -45,6 +49,7 @@ struct Cli {
 enum Command {
     /// Connect to the host and serve every device it offers until stopped (SIGINT/SIGTERM).
     #[command(
+        long_about = SERVE_LONG_ABOUT,
         after_help = "Example:\n  cusedev serve --host unix:/run/cusedev/bus.sock --frontend fuse"
     )]
     Serve(ServeArgs),

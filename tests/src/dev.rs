@@ -6,7 +6,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 pub use nix::errno::Errno;
 
 /// An open device file.
-pub struct Dev(OwnedFd);
+pub struct Dev(Option<OwnedFd>);
 
 fn check(rc: isize) -> Result<usize, Errno> {
     if rc < 0 {
@@ -28,11 +28,11 @@ impl Dev {
             return Err(Errno::last());
         }
         // SAFETY: fd was just returned by open() and is not owned elsewhere.
-        Ok(Dev(unsafe { OwnedFd::from_raw_fd(fd) }))
+        Ok(Dev(Some(unsafe { OwnedFd::from_raw_fd(fd) })))
     }
 
     pub fn raw(&self) -> RawFd {
-        self.0.as_raw_fd()
+        self.0.as_ref().map_or(-1, |fd| fd.as_raw_fd())
     }
 
     pub fn write(&self, bytes: &[u8]) -> Result<usize, Errno> {
@@ -100,4 +100,12 @@ pub fn cstr_at(bytes: &[u8], offset: usize, max: usize) -> String {
     let field = &bytes[offset..offset + max];
     let end = field.iter().position(|&b| b == 0).unwrap_or(max);
     String::from_utf8_lossy(&field[..end]).into_owned()
+}
+
+impl Drop for Dev {
+    /// close(2), never while another test is between fork and exec (see `SPAWN_LOCK`).
+    fn drop(&mut self) {
+        let _guard = crate::spawn_guard();
+        drop(self.0.take());
+    }
 }

@@ -63,11 +63,14 @@ pub struct Supervised {
 
 impl Supervised {
     pub fn spawn(name: &'static str, command: &mut Command) -> Supervised {
-        let mut child = command
-            .stdin(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        let mut child = {
+            let _guard = crate::spawn_guard();
+            command
+                .stdin(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap_or_else(|e| panic!("cannot start {name}: {e}"))
+        };
         let log = Arc::new(LogBook::default());
         let stderr = child.stderr.take().expect("piped stderr");
         let book = log.clone();
@@ -217,11 +220,9 @@ impl Rig {
 
     /// Runs `fakehost <args>` against this rig's host and returns its output.
     pub fn fakehost(&self, args: &[&str]) -> Output {
-        let output = Command::new(workspace_binary("fakehost"))
-            .args(args)
-            .env("FAKEHOST_CONTROL", self.control_socket())
-            .stdin(Stdio::null())
-            .output()
+        let output = self
+            .fakehost_spawn(args)
+            .wait_with_output()
             .expect("run fakehost CLI");
         eprintln!(
             "[fakehost {}] exit {:?}\n{}{}",
@@ -235,6 +236,7 @@ impl Rig {
 
     /// Starts `fakehost <args>` in the background (for copies a test interferes with).
     pub fn fakehost_spawn(&self, args: &[&str]) -> Child {
+        let _guard = crate::spawn_guard();
         Command::new(workspace_binary("fakehost"))
             .args(args)
             .env("FAKEHOST_CONTROL", self.control_socket())
