@@ -185,19 +185,7 @@ impl Rig {
     pub fn start_with(test: &str, kernel: &str, host_args: &[&str]) -> Rig {
         let dir = scratch_dir(test);
         let bus = dir.join("bus.sock");
-        let control = dir.join("ctl.sock");
-        let host = Supervised::spawn(
-            "fakehost",
-            Command::new(workspace_binary("fakehost"))
-                .arg("serve")
-                .arg("--listen")
-                .arg(format!("unix:{}", bus.display()))
-                .arg("--control")
-                .arg(&control)
-                .args(host_args)
-                .env("RUST_LOG", "info"),
-        );
-        host.wait_for_log("listening");
+        let host = spawn_host(&dir, host_args);
         let guest = Supervised::spawn(
             "cusedev",
             Command::new(workspace_binary("cusedev"))
@@ -212,6 +200,11 @@ impl Rig {
         );
         guest.wait_for_log(&format!("serving {FCOPY_NODE}"));
         Rig { dir, host, guest }
+    }
+
+    /// Starts a new host on the same sockets (after the old one died).
+    pub fn restart_host(&mut self) {
+        self.host = spawn_host(&self.dir, &[]);
     }
 
     pub fn control_socket(&self) -> PathBuf {
@@ -259,6 +252,23 @@ impl Rig {
         self.guest.wait_for_log_from(mark, "registered");
         daemon
     }
+}
+
+/// Starts `fakehost serve` on `dir`'s bus and control sockets and waits until it listens.
+fn spawn_host(dir: &Path, host_args: &[&str]) -> Supervised {
+    let host = Supervised::spawn(
+        "fakehost",
+        Command::new(workspace_binary("fakehost"))
+            .arg("serve")
+            .arg("--listen")
+            .arg(format!("unix:{}", dir.join("bus.sock").display()))
+            .arg("--control")
+            .arg(dir.join("ctl.sock"))
+            .args(host_args)
+            .env("RUST_LOG", "info"),
+    );
+    host.wait_for_log("listening");
+    host
 }
 
 /// Mounts a tmpfs of `size` (e.g. "64m") at `dir` inside the caller's mount namespace.

@@ -7,6 +7,7 @@
 //! write (FUSE completes it with 0 without sending a request; the real driver says EINVAL).
 
 use std::process::Child;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cusedev_tests::blocking::{install_sigusr1_without_restart, Blocking};
@@ -42,6 +43,14 @@ fn register_6_1() -> Dev {
         "the 6.1 driver answers FCOPY_CURRENT_VERSION = 1"
     );
     dev
+}
+
+/// A daemon-sized pread on another thread, once it sleeps in the driver.
+fn blocked_daemon_read(dev: &Arc<Dev>) -> Blocking<Result<Vec<u8>, Errno>> {
+    let dev = dev.clone();
+    let reader = Blocking::spawn(move || dev.pread(DAEMON_BUF));
+    reader.wait_blocked_in_read();
+    reader
 }
 
 /// Starts a copy in the background so the host sends START_FILE_COPY.
@@ -107,12 +116,8 @@ fn short_read_is_einval_and_keeps_the_message_on_linux_6_1() {
 #[test]
 fn blocked_read_interrupted_by_a_signal_is_eintr_on_linux_6_1() {
     let _rig = rig("eintr61", "linux-6.1");
-    let dev = std::sync::Arc::new(register_6_1());
-    let reader = {
-        let dev = dev.clone();
-        Blocking::spawn(move || dev.pread(DAEMON_BUF))
-    };
-    reader.wait_blocked_in_read();
+    let dev = Arc::new(register_6_1());
+    let reader = blocked_daemon_read(&dev);
     reader.signal();
     assert_eq!(reader.join(), Err(Errno::EINTR));
 }
@@ -120,7 +125,7 @@ fn blocked_read_interrupted_by_a_signal_is_eintr_on_linux_6_1() {
 #[test]
 fn poll_reports_pollin_only_while_a_message_is_queued_and_never_pollout_on_linux_6_1() {
     let rig = rig("poll61", "linux-6.1");
-    let dev = std::sync::Arc::new(Dev::open(FCOPY_NODE).unwrap());
+    let dev = Arc::new(Dev::open(FCOPY_NODE).unwrap());
     assert_eq!(
         dev.poll(0),
         Ok(0),
@@ -201,12 +206,8 @@ fn closing_with_a_request_pending_fails_it_at_once_on_linux_6_1() {
 #[test]
 fn rescind_wakes_a_blocked_reader_with_ebadf_and_the_node_goes_after_close_on_linux_6_1() {
     let rig = rig("rescind61", "linux-6.1");
-    let dev = std::sync::Arc::new(register_6_1());
-    let reader = {
-        let dev = dev.clone();
-        Blocking::spawn(move || dev.pread(DAEMON_BUF))
-    };
-    reader.wait_blocked_in_read();
+    let dev = Arc::new(register_6_1());
+    let reader = blocked_daemon_read(&dev);
     let mark = rig.guest.log_mark();
     let out = rig.fakehost(&["rescind", "fcopy"]);
     assert!(out.status.success());
@@ -224,6 +225,27 @@ fn rescind_wakes_a_blocked_reader_with_ebadf_and_the_node_goes_after_close_on_li
     // A re-offer brings the node back and a new daemon can register.
     let mark = rig.guest.log_mark();
     assert!(rig.fakehost(&["offer", "fcopy"]).status.success());
+    rig.guest
+        .wait_for_log_from(mark, "serving /dev/vmbus/hv_fcopy");
+    drop(register_6_1());
+}
+
+#[test]
+fn host_that_vanishes_takes_the_node_and_a_new_host_brings_it_back_on_linux_6_1() {
+    let mut rig = rig("vanish61", "linux-6.1");
+    let dev = Arc::new(register_6_1());
+    let reader = blocked_daemon_read(&dev);
+    let mark = rig.guest.log_mark();
+    rig.host.kill();
+    // No host, no channel: treated as a rescind, so the reader gets the 6.1 errno.
+    assert_eq!(reader.join(), Err(Errno::EBADF));
+    drop(dev);
+    rig.guest
+        .wait_for_log_from(mark, "removed device vmbus/hv_fcopy");
+    assert_eq!(Dev::open(FCOPY_NODE).err(), Some(Errno::ENOENT));
+
+    let mark = rig.guest.log_mark();
+    rig.restart_host();
     rig.guest
         .wait_for_log_from(mark, "serving /dev/vmbus/hv_fcopy");
     drop(register_6_1());
@@ -278,7 +300,7 @@ fn poll_is_always_readable_and_writable_on_linux_3_14() {
 #[test]
 fn registration_gets_no_reply_and_the_first_read_is_the_host_request_on_linux_3_14() {
     let rig = rig("noreply314", "linux-3.14");
-    let dev = std::sync::Arc::new(register_3_14());
+    let dev = Arc::new(register_3_14());
     let reader = {
         let dev = dev.clone();
         Blocking::spawn(move || dev.pread(DAEMON_BUF))
@@ -328,12 +350,8 @@ fn short_read_returns_zero_and_loses_the_message_on_linux_3_14() {
 #[test]
 fn blocked_read_interrupted_by_a_signal_is_eintr_on_linux_3_14() {
     let _rig = rig("eintr314", "linux-3.14");
-    let dev = std::sync::Arc::new(register_3_14());
-    let reader = {
-        let dev = dev.clone();
-        Blocking::spawn(move || dev.pread(DAEMON_BUF))
-    };
-    reader.wait_blocked_in_read();
+    let dev = Arc::new(register_3_14());
+    let reader = blocked_daemon_read(&dev);
     reader.signal();
     assert_eq!(reader.join(), Err(Errno::EINTR));
 }
@@ -341,12 +359,8 @@ fn blocked_read_interrupted_by_a_signal_is_eintr_on_linux_3_14() {
 #[test]
 fn rescind_wakes_a_blocked_reader_with_enodev_and_removes_the_node_at_once_on_linux_3_14() {
     let rig = rig("rescind314", "linux-3.14");
-    let dev = std::sync::Arc::new(register_3_14());
-    let reader = {
-        let dev = dev.clone();
-        Blocking::spawn(move || dev.pread(DAEMON_BUF))
-    };
-    reader.wait_blocked_in_read();
+    let dev = Arc::new(register_3_14());
+    let reader = blocked_daemon_read(&dev);
     let mark = rig.guest.log_mark();
     assert!(rig.fakehost(&["rescind", "fcopy"]).status.success());
     assert_eq!(reader.join(), Err(Errno::ENODEV));

@@ -1,7 +1,7 @@
 //! Accepting bus streams and routing them by their HELLO.
 
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,27 +16,9 @@ pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Accepts streams until `stop` is set (then one more connect wakes the loop).
 pub fn run(bus: Arc<Bus>, listener: UnixListener, stop: Arc<AtomicBool>) {
-    let mut conn: u64 = 0;
-    for stream in listener.incoming() {
-        if stop.load(Ordering::SeqCst) {
-            break;
-        }
-        let stream = match stream {
-            Ok(stream) => stream,
-            Err(e) => {
-                log::warn!("bus accept failed: {e}");
-                continue;
-            }
-        };
-        conn += 1;
-        let bus = Arc::clone(&bus);
-        let spawned = std::thread::Builder::new()
-            .name(format!("bus-{conn}"))
-            .spawn(move || serve_stream(&bus, stream, conn));
-        if let Err(e) = spawned {
-            log::error!("cannot start a thread for bus connection #{conn}: {e}");
-        }
-    }
+    crate::sockets::accept_loop(listener, stop, "bus", move |stream, conn| {
+        serve_stream(&bus, stream, conn)
+    });
 }
 
 /// Reads the HELLO and hands the stream to the session or to a channel.

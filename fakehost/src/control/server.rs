@@ -4,7 +4,7 @@ use std::fs::File;
 use std::io::Write;
 use std::os::fd::OwnedFd;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -34,27 +34,9 @@ pub struct Control {
 
 /// Accepts control clients until `stop` is set (then one more connect wakes the loop).
 pub fn run(control: Arc<Control>, listener: UnixListener, stop: Arc<AtomicBool>) {
-    let mut n: u64 = 0;
-    for stream in listener.incoming() {
-        if stop.load(Ordering::SeqCst) {
-            break;
-        }
-        let stream = match stream {
-            Ok(stream) => stream,
-            Err(e) => {
-                log::warn!("control accept failed: {e}");
-                continue;
-            }
-        };
-        n += 1;
-        let control = Arc::clone(&control);
-        let spawned = std::thread::Builder::new()
-            .name(format!("control-{n}"))
-            .spawn(move || serve_client(&control, stream, n));
-        if let Err(e) = spawned {
-            log::error!("cannot start a thread for control client #{n}: {e}");
-        }
-    }
+    crate::sockets::accept_loop(listener, stop, "control", move |stream, n| {
+        serve_client(&control, stream, n)
+    });
 }
 
 /// Answers one client: one request, its responses, then the connection closes.
