@@ -133,6 +133,38 @@ pub fn bind_listener(path: &Path, mode: u32) -> Result<UnixListener, SocketError
     Ok(UnixListener::from(fd))
 }
 
+/// Accepts connections until `stop` is set (then one more connect wakes the loop), serving
+/// each on a thread of its own named `<what>-<n>`, so a slow peer never holds up the next.
+pub fn accept_loop(
+    listener: std::os::unix::net::UnixListener,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    what: &'static str,
+    serve: impl Fn(std::os::unix::net::UnixStream, u64) + Send + Sync + 'static,
+) {
+    let serve = std::sync::Arc::new(serve);
+    let mut n: u64 = 0;
+    for stream in listener.incoming() {
+        if stop.load(std::sync::atomic::Ordering::SeqCst) {
+            break;
+        }
+        let stream = match stream {
+            Ok(stream) => stream,
+            Err(e) => {
+                log::warn!("{what} accept failed: {e}");
+                continue;
+            }
+        };
+        n += 1;
+        let serve = std::sync::Arc::clone(&serve);
+        let spawned = std::thread::Builder::new()
+            .name(format!("{what}-{n}"))
+            .spawn(move || serve(stream, n));
+        if let Err(e) = spawned {
+            log::error!("cannot start a thread for {what} connection #{n}: {e}");
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -183,37 +215,5 @@ mod tests {
             Err(SocketError::NotASocket(_))
         ));
         assert_eq!(std::fs::read(&path).unwrap(), b"precious");
-    }
-}
-
-/// Accepts connections until `stop` is set (then one more connect wakes the loop), serving
-/// each on a thread of its own named `<what>-<n>`, so a slow peer never holds up the next.
-pub fn accept_loop(
-    listener: std::os::unix::net::UnixListener,
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    what: &'static str,
-    serve: impl Fn(std::os::unix::net::UnixStream, u64) + Send + Sync + 'static,
-) {
-    let serve = std::sync::Arc::new(serve);
-    let mut n: u64 = 0;
-    for stream in listener.incoming() {
-        if stop.load(std::sync::atomic::Ordering::SeqCst) {
-            break;
-        }
-        let stream = match stream {
-            Ok(stream) => stream,
-            Err(e) => {
-                log::warn!("{what} accept failed: {e}");
-                continue;
-            }
-        };
-        n += 1;
-        let serve = std::sync::Arc::clone(&serve);
-        let spawned = std::thread::Builder::new()
-            .name(format!("{what}-{n}"))
-            .spawn(move || serve(stream, n));
-        if let Err(e) = spawned {
-            log::error!("cannot start a thread for {what} connection #{n}: {e}");
-        }
     }
 }

@@ -41,6 +41,12 @@ pub trait HostChannel: Send + Sync {
     /// Sends an inband packet with `trans_id` to the host. A host that has gone away is logged
     /// by the transport; like `vmbus_sendpacket()` on a rescinded channel, the driver carries on.
     fn send_inband(&self, trans_id: u64, payload: &[u8]);
+    /// Whether a host packet is waiting in the ring. A driver may skip re-polling an empty
+    /// ring: the transport runs the callback after every packet it adds. `true` is always a
+    /// safe answer.
+    fn has_pending(&self) -> bool {
+        true
+    }
 }
 
 /// What the bus calls on a driver bound to a channel.
@@ -117,6 +123,16 @@ impl InboundRing {
         }
         self.space.notify_all();
         Ok(packet)
+    }
+
+    /// Whether a packet is waiting.
+    pub fn has_pending(&self) -> bool {
+        !self
+            .inner
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .packets
+            .is_empty()
     }
 
     /// Drops every packet and refuses new ones (channel closed or rescinded).

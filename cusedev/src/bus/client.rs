@@ -482,6 +482,10 @@ impl HostChannel for StreamChannel {
         self.ring.recv(buf_limit)
     }
 
+    fn has_pending(&self) -> bool {
+        self.ring.has_pending()
+    }
+
     fn send_inband(&self, trans_id: u64, payload: &[u8]) {
         let packet = vmbus::packet::encode_inband(trans_id, 0, payload);
         let mut writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());

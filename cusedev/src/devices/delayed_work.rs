@@ -41,6 +41,17 @@ struct Inner {
     changed: Condvar,
 }
 
+#[derive(Default, Clone, Copy)]
+enum Sleep {
+    /// Running the work or checking the state: it looks at `expires` before sleeping again.
+    #[default]
+    Awake,
+    /// Nothing scheduled: only a notify wakes it.
+    Indefinitely,
+    /// Until this instant, when it re-checks `expires` anyway.
+    Until(Instant),
+}
+
 #[derive(Default)]
 struct State {
     /// `Some` while pending: when to run.
@@ -51,6 +62,10 @@ struct State {
     /// The thread that runs the function (so that `cancel_sync` from inside it does not wait
     /// for itself).
     worker: Option<ThreadId>,
+    /// How the work thread sleeps right now. A timer that is re-armed and cancelled on every
+    /// transaction (the 30 s daemon timeout) must not cost two thread wake-ups each time: the
+    /// thread is only woken when a new expiry comes before the one it already sleeps until.
+    sleep: Sleep,
     /// Test hook: stop a firing between "no longer pending" and "function runs".
     #[cfg(test)]
     hold: bool,
@@ -96,8 +111,16 @@ impl DelayedWork {
         if state.shutdown || state.expires.is_some() {
             return false;
         }
-        state.expires = Some(Instant::now() + delay);
-        self.inner.changed.notify_all();
+        let expires = Instant::now() + delay;
+        state.expires = Some(expires);
+        let wakes_in_time = match state.sleep {
+            Sleep::Awake => true,
+            Sleep::Indefinitely => false,
+            Sleep::Until(wake) => wake <= expires,
+        };
+        if !wakes_in_time {
+            self.inner.changed.notify_all();
+        }
         true
     }
 
@@ -105,11 +128,8 @@ impl DelayedWork {
     /// Does not wait for a running function. Never blocks: safe under the driver lock.
     pub fn cancel(&self) -> bool {
         let mut state = self.inner.lock();
-        let was_pending = state.expires.take().is_some();
-        if was_pending {
-            self.inner.changed.notify_all();
-        }
-        was_pending
+        // No wake-up: a thread sleeping until the old expiry finds nothing due and sleeps on.
+        state.expires.take().is_some()
     }
 
     /// `cancel_delayed_work_sync()`: [`DelayedWork::cancel`], then waits until a running
@@ -193,16 +213,20 @@ fn run(inner: &Inner, work: &dyn Fn()) {
             return;
         }
         let Some(expires) = state.expires else {
+            state.sleep = Sleep::Indefinitely;
             state = inner.wait(state);
+            state.sleep = Sleep::Awake;
             continue;
         };
         let now = Instant::now();
         if now < expires {
+            state.sleep = Sleep::Until(expires);
             state = inner
                 .changed
                 .wait_timeout(state, expires - now)
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
+            state.sleep = Sleep::Awake;
             continue;
         }
         // From here on the work is running, not pending: a cancel returns false.
@@ -239,6 +263,29 @@ mod tests {
             let _ = tx.lock().unwrap().send(());
         });
         (work, rx)
+    }
+
+    #[test]
+    fn cancelled_then_rearmed_earlier_work_runs_at_the_earlier_expiry() {
+        // The thread sleeps until the hour is up; the new, earlier expiry must wake it.
+        let (work, ran) = counter_work("dw-test-earlier");
+        assert!(work.schedule(Duration::from_secs(3600)));
+        assert!(work.cancel());
+        assert!(work.schedule(Duration::from_millis(10)));
+        ran.recv_timeout(Duration::from_secs(10)).unwrap();
+    }
+
+    #[test]
+    fn cancelled_then_rearmed_later_work_runs_once_at_the_later_expiry() {
+        // The thread wakes at the first expiry, finds the later one and sleeps on.
+        let (work, ran) = counter_work("dw-test-later");
+        assert!(work.schedule(Duration::from_millis(20)));
+        assert!(work.cancel());
+        let rearmed = Instant::now();
+        assert!(work.schedule(Duration::from_millis(120)));
+        ran.recv_timeout(Duration::from_secs(10)).unwrap();
+        assert!(rearmed.elapsed() >= Duration::from_millis(120));
+        assert!(ran.recv_timeout(Duration::from_millis(50)).is_err());
     }
 
     #[test]

@@ -465,6 +465,25 @@ mod tests {
         reader
     }
 
+    /// Starts `destroy()` on another thread.
+    fn destroy_in_background(hvt: &Hvt) -> thread::JoinHandle<()> {
+        let hvt = hvt.clone();
+        thread::spawn(move || hvt.destroy())
+    }
+
+    /// Starts `destroy()` on another thread and waits until it waits for the daemon's close.
+    fn destroy_waiting_for_close(hvt: &Hvt) -> thread::JoinHandle<()> {
+        let destroyer = destroy_in_background(hvt);
+        wait_for("destroy to wait for the close", || hvt.destroy_waiting());
+        destroyer
+    }
+
+    /// The daemon closes `h`, which lets the waiting `destroyer` return.
+    fn close_and_join(hvt: &Hvt, h: Handle, destroyer: thread::JoinHandle<()>) {
+        hvt.release(h);
+        destroyer.join().unwrap();
+    }
+
     #[derive(Default)]
     struct CountingNotify(AtomicUsize);
     impl PollNotify for CountingNotify {
@@ -516,14 +535,9 @@ mod tests {
     fn open_while_destroy_waits_is_ebadf_and_enodev_once_destroyed() {
         let hvt = transport();
         let h = hvt.open().unwrap();
-        let destroyer = {
-            let hvt = hvt.clone();
-            thread::spawn(move || hvt.destroy())
-        };
-        wait_for("destroy to wait for the close", || hvt.destroy_waiting());
+        let destroyer = destroy_waiting_for_close(&hvt);
         assert_eq!(hvt.open(), Err(Errno::EBADF));
-        hvt.release(h);
-        destroyer.join().unwrap();
+        close_and_join(&hvt, h, destroyer);
         assert_eq!(hvt.open(), Err(Errno::ENODEV));
     }
 
@@ -552,16 +566,12 @@ mod tests {
         let hvt = transport();
         let h = hvt.open().unwrap();
         let reader = blocked_read(&hvt, 100, &caller());
-        let destroyer = {
-            let hvt = hvt.clone();
-            thread::spawn(move || hvt.destroy())
-        };
+        let destroyer = destroy_in_background(&hvt);
         assert_eq!(reader.join().unwrap(), Err(Errno::EBADF));
         // The destroyer still waits for the daemon's close.
         wait_for("destroy to wait for the close", || hvt.destroy_waiting());
         assert!(!destroyer.is_finished());
-        hvt.release(h);
-        destroyer.join().unwrap();
+        close_and_join(&hvt, h, destroyer);
     }
 
     #[test]
@@ -652,15 +662,10 @@ mod tests {
     fn write_after_destroy_is_ebadf() {
         let hvt = transport();
         let h = hvt.open().unwrap();
-        let destroyer = {
-            let hvt = hvt.clone();
-            thread::spawn(move || hvt.destroy())
-        };
-        wait_for("destroy to wait for the close", || hvt.destroy_waiting());
+        let destroyer = destroy_waiting_for_close(&hvt);
         assert_eq!(hvt.write(h, b"abcd"), Err(Errno::EBADF));
         assert!(hvt.lock().svc.msgs.is_empty());
-        hvt.release(h);
-        destroyer.join().unwrap();
+        close_and_join(&hvt, h, destroyer);
     }
 
     #[test]
@@ -693,14 +698,9 @@ mod tests {
         let hvt = transport();
         let h = hvt.open().unwrap();
         send(&hvt, b"abcd").unwrap();
-        let destroyer = {
-            let hvt = hvt.clone();
-            thread::spawn(move || hvt.destroy())
-        };
-        wait_for("destroy to wait for the close", || hvt.destroy_waiting());
+        let destroyer = destroy_waiting_for_close(&hvt);
         assert_eq!(hvt.poll(h, None), poll_bits::POLLERR | poll_bits::POLLHUP);
-        hvt.release(h);
-        destroyer.join().unwrap();
+        close_and_join(&hvt, h, destroyer);
     }
 
     #[test]
@@ -713,14 +713,9 @@ mod tests {
         assert_eq!(notify.0.load(Ordering::SeqCst), 1);
         hvt.read(h, 4, &caller()).unwrap();
         assert_eq!(hvt.poll(h, Some(PollWaker(notify.clone()))), 0);
-        let destroyer = {
-            let hvt = hvt.clone();
-            thread::spawn(move || hvt.destroy())
-        };
-        wait_for("destroy to wait for the close", || hvt.destroy_waiting());
+        let destroyer = destroy_waiting_for_close(&hvt);
         assert_eq!(notify.0.load(Ordering::SeqCst), 2);
-        hvt.release(h);
-        destroyer.join().unwrap();
+        close_and_join(&hvt, h, destroyer);
     }
 
     #[test]
@@ -750,8 +745,7 @@ mod tests {
         };
         wait_for("destroy to wait for the close", || hvt.destroy_waiting());
         assert!(!*destroyed.lock().unwrap());
-        hvt.release(h);
-        destroyer.join().unwrap();
+        close_and_join(&hvt, h, destroyer);
         let g = hvt.lock();
         // Release in DESTROY keeps the mode and still resets the service.
         assert_eq!(g.hvt.mode(), Mode::Destroy);

@@ -423,50 +423,27 @@ mod tests {
     use super::*;
     use crate::device::poll_bits;
     use crate::devices::hvutil_transport::wait_for;
-    use std::thread;
     use vmbus::fcopy::{StartFcopy, FCOPY_VERSION_1, OVER_WRITE};
     use vmbus::ic::IcVersion;
     use zerocopy::FromBytes;
 
-    const E_FAIL: u32 = status::HV_E_FAIL;
-    /// What the seed's daemon reads with (any buffer of at least 6192 bytes).
-    const READ_LEN: u32 = 6196;
+    type Rig = super::super::testing::Rig<SeedFcopy>;
 
-    struct Rig {
-        dev: Arc<SeedFcopy>,
-        chan: Arc<TestChannel>,
-    }
+    impl RigDevice for SeedFcopy {
+        const DAEMON_TIMEOUT: Duration = DAEMON_TIMEOUT;
+        /// What the seed's daemon reads with (any buffer of at least 6192 bytes).
+        const READ_LEN: u32 = 6196;
 
-    fn rig() -> Rig {
-        rig_with_timeout(DAEMON_TIMEOUT)
-    }
+        fn create(channel: Arc<dyn HostChannel>, timeout: Duration) -> Arc<SeedFcopy> {
+            SeedFcopy::new(channel, timeout)
+        }
 
-    fn rig_with_timeout(timeout: Duration) -> Rig {
-        let chan = TestChannel::new();
-        Rig {
-            dev: SeedFcopy::new(chan.clone(), timeout),
-            chan,
+        fn sleeping_readers(&self) -> usize {
+            SeedFcopy::sleeping_readers(self)
         }
     }
 
     impl Rig {
-        fn host(&self, trans_id: u64, payload: &[u8]) {
-            self.chan.push(trans_id, payload);
-            self.dev.on_channel_callback();
-        }
-
-        fn open(&self) -> Handle {
-            self.dev.open(&caller(), libc::O_RDWR).unwrap()
-        }
-
-        fn write_u32(&self, h: Handle, value: u32) -> Result<u32, Errno> {
-            self.dev.write(h, &value.to_le_bytes(), 0, &caller())
-        }
-
-        fn read(&self, h: Handle) -> Result<Vec<u8>, Errno> {
-            self.dev.read(h, READ_LEN, 0, &caller())
-        }
-
         /// Opens and registers a version-0 daemon (what the seed expects).
         fn daemon(&self) -> Handle {
             let h = self.open();
@@ -477,37 +454,20 @@ mod tests {
         fn tokens(&self) -> u32 {
             self.dev.lock().read_sema
         }
-
-        fn blocked_read(
-            &self,
-            h: Handle,
-            caller: &Caller,
-        ) -> thread::JoinHandle<Result<Vec<u8>, Errno>> {
-            let before = self.dev.sleeping_readers();
-            let reader = {
-                let dev = self.dev.clone();
-                let caller = caller.clone();
-                thread::spawn(move || dev.read(h, READ_LEN, 0, &caller))
-            };
-            wait_for("the reader to sleep", || {
-                self.dev.sleeping_readers() > before
-            });
-            reader
-        }
     }
 
     // ---- open ------------------------------------------------------------------------------
 
     #[test]
     fn second_open_is_ebusy_on_linux_3_14() {
-        let rig = rig();
+        let rig = Rig::new();
         rig.open();
         assert_eq!(rig.dev.open(&caller(), libc::O_RDWR), Err(Errno::EBUSY));
     }
 
     #[test]
     fn open_after_close_succeeds_and_is_back_in_handshake_on_linux_3_14() {
-        let rig = rig();
+        let rig = Rig::new();
         let h = rig.daemon();
         rig.dev.release(h);
         let h = rig.open();
@@ -519,18 +479,15 @@ mod tests {
 
     #[test]
     fn blocked_read_is_interrupted_with_eintr_on_linux_3_14() {
-        let rig = rig();
+        let rig = Rig::new();
         let h = rig.daemon();
-        let caller = caller();
-        let reader = rig.blocked_read(h, &caller);
-        caller.interrupt.fire();
-        assert_eq!(reader.join().unwrap(), Err(Errno::EINTR));
+        rig.assert_read_blocks_until_interrupted(h);
         assert_eq!(rig.tokens(), 0);
     }
 
     #[test]
     fn nonblocking_open_still_blocks_in_read_on_linux_3_14() {
-        let rig = rig();
+        let rig = Rig::new();
         let h = rig
             .dev
             .open(&caller(), libc::O_RDWR | libc::O_NONBLOCK)
@@ -543,7 +500,7 @@ mod tests {
 
     #[test]
     fn blocked_read_gets_enodev_on_rescind_on_linux_3_14() {
-        let rig = rig();
+        let rig = Rig::new();
         let h = rig.daemon();
         let reader = rig.blocked_read(h, &caller());
         rig.dev.on_rescind();
@@ -552,20 +509,17 @@ mod tests {
 
     #[test]
     fn read_after_rescind_consumes_the_wakeup_token_then_blocks_on_linux_3_14() {
-        let rig = rig();
+        let rig = Rig::new();
         let h = rig.daemon();
         rig.dev.on_rescind();
         assert_eq!(rig.read(h), Err(Errno::ENODEV));
         // No token left: the next read sleeps until a signal.
-        let caller = caller();
-        let reader = rig.blocked_read(h, &caller);
-        caller.interrupt.fire();
-        assert_eq!(reader.join().unwrap(), Err(Errno::EINTR));
+        rig.assert_read_blocks_until_interrupted(h);
     }
 
     #[test]
     fn short_read_returns_zero_and_loses_message_on_linux_3_14() {
-        let rig = rig_with_timeout(Duration::from_millis(20));
+        let rig = Rig::with_timeout(Duration::from_millis(20));
         let h = rig.daemon();
         let req = start("f", "/tmp", 0, 1);
         rig.host(3, &req);
@@ -573,24 +527,18 @@ mod tests {
         // The token is gone: the request cannot be read again...
         assert_eq!(rig.tokens(), 0);
         // ...and the host gets HV_E_FAIL when the timer fires.
-        assert_eq!(
-            rig.chan.wait_sent(1),
-            vec![Sent {
-                trans_id: 3,
-                payload: expected_reply(&req, E_FAIL)
-            }]
-        );
+        assert_eq!(rig.chan.wait_sent(1), vec![reply_to(3, &req, E_FAIL)]);
     }
 
     #[test]
     fn short_read_of_non_start_returns_zero_on_linux_3_14() {
-        let rig = rig();
+        let rig = Rig::new();
         let h = rig.daemon();
         rig.host(3, &write(0, b"abc"));
         assert_eq!(rig.dev.read(h, 6191, 0, &caller()), Ok(Vec::new()));
         assert_eq!(rig.tokens(), 0);
         // 1088 bytes is plenty for a START but not for a WRITE.
-        let rig = self::rig();
+        let rig = Rig::new();
         let h = rig.daemon();
         rig.host(4, &op(vmbus::fcopy::op::CANCEL_FCOPY));
         assert_eq!(rig.dev.read(h, 1088, 0, &caller()), Ok(Vec::new()));
@@ -598,7 +546,7 @@ mod tests {
 
     #[test]
     fn start_delivers_1088_converted_bytes_on_linux_3_14() {
-        let rig = rig();
+        let rig = Rig::new();
         let h = rig.daemon();
         rig.host(1, &start("naïve.txt", "/srv/𝄞", OVER_WRITE, 99));
         let msg = rig.dev.read(h, 1088, 0, &caller()).unwrap();
@@ -613,7 +561,7 @@ mod tests {
 
     #[test]
     fn write_delivers_6192_raw_bytes_on_linux_3_14() {
-        let rig = rig();
+        let rig = Rig::new();
         let h = rig.daemon();
         let data: Vec<u8> = (0..6144u32).map(|i| (i % 253) as u8).collect();
         let req = write(8192, &data);
@@ -627,7 +575,7 @@ mod tests {
 
     #[test]
     fn complete_delivers_6192_bytes_with_stale_tail_on_linux_3_14() {
-        let rig = rig();
+        let rig = Rig::new();
         let h = rig.daemon();
         let earlier = write(0, &[0x77; 6144]);
         rig.host(1, &earlier);
@@ -646,7 +594,7 @@ mod tests {
     fn read_takes_the_operation_from_the_buffer_at_read_time_on_linux_3_14() {
         // fcopy_msg points into the live receive buffer; after a timeout a NEGOTIATE can
         // overwrite it before the daemon reads the (stale) request.
-        let rig = rig_with_timeout(Duration::from_millis(20));
+        let rig = Rig::with_timeout(Duration::from_millis(20));
         let h = rig.daemon();
         rig.host(1, &op(op::CANCEL_FCOPY));
         rig.chan.wait_sent(1);
@@ -661,7 +609,7 @@ mod tests {
 
     #[test]
     fn write_of_wrong_size_is_einval_on_linux_3_14() {
-        let rig = rig();
+        let rig = Rig::new();
         let h = rig.open();
         assert_eq!(rig.dev.write(h, &[0; 3], 0, &caller()), Err(Errno::EINVAL));
         assert_eq!(rig.dev.write(h, &[0; 8], 0, &caller()), Err(Errno::EINVAL));
@@ -672,7 +620,7 @@ mod tests {
     #[test]
     fn version_1_registration_is_einval_on_linux_3_14() {
         // The unmodified 6.1 daemon writes 1: "Registration failed", exit 1 (fcopy.md §9).
-        let rig = rig();
+        let rig = Rig::new();
         let h = rig.open();
         assert_eq!(rig.write_u32(h, FCOPY_VERSION_1), Err(Errno::EINVAL));
         assert!(rig.dev.lock().in_hand_shake);
@@ -681,20 +629,17 @@ mod tests {
 
     #[test]
     fn version_0_registration_queues_no_reply_on_linux_3_14() {
-        let rig = rig();
+        let rig = Rig::new();
         let h = rig.daemon();
         assert_eq!(rig.tokens(), 0);
         assert!(!rig.dev.lock().in_hand_shake);
         assert!(!rig.dev.lock().active);
-        let caller = caller();
-        let reader = rig.blocked_read(h, &caller);
-        caller.interrupt.fire();
-        assert_eq!(reader.join().unwrap(), Err(Errno::EINTR));
+        rig.assert_read_blocks_until_interrupted(h);
     }
 
     #[test]
     fn negotiate_deferred_until_registration_on_linux_3_14() {
-        let rig = rig();
+        let rig = Rig::new();
         let req = negotiate(&[FW_3_0], &[SRV_1_1]);
         rig.host(5, &req);
         assert!(rig.chan.sent().is_empty());
@@ -715,7 +660,7 @@ mod tests {
 
     #[test]
     fn deferred_request_is_processed_by_registration_on_linux_3_14() {
-        let rig = rig();
+        let rig = Rig::new();
         rig.host(6, &start("x", "/y", 0, 0));
         let h = rig.daemon();
         assert_eq!(rig.tokens(), 1);
@@ -724,7 +669,7 @@ mod tests {
 
     #[test]
     fn only_one_deferred_packet_is_processed_by_registration_on_linux_3_14() {
-        let rig = rig();
+        let rig = Rig::new();
         rig.host(1, &negotiate(&[FW_3_0], &[SRV_1_1]));
         rig.host(2, &negotiate(&[FW_3_0], &[SRV_1_1]));
         rig.daemon();
@@ -736,7 +681,7 @@ mod tests {
 
     #[test]
     fn reply_completes_transaction_on_linux_3_14() {
-        let rig = rig();
+        let rig = Rig::new();
         let h = rig.daemon();
         let req = start("f", "/tmp", 0, 1);
         rig.host(44, &req);
@@ -744,10 +689,7 @@ mod tests {
         assert_eq!(rig.write_u32(h, status::HV_ERROR_ALREADY_EXISTS), Ok(4));
         assert_eq!(
             rig.chan.sent(),
-            vec![Sent {
-                trans_id: 44,
-                payload: expected_reply(&req, status::HV_ERROR_ALREADY_EXISTS)
-            }]
+            vec![reply_to(44, &req, status::HV_ERROR_ALREADY_EXISTS)]
         );
         assert!(!rig.dev.lock().active);
         assert!(!rig.dev.timer.is_pending());
@@ -757,7 +699,7 @@ mod tests {
     fn next_packet_waits_for_the_next_interrupt_after_a_reply_on_linux_3_14() {
         // No re-poll in the seed: a packet that arrived during the transaction stays in the
         // ring until the channel callback runs again.
-        let rig = rig();
+        let rig = Rig::new();
         let h = rig.daemon();
         rig.host(1, &op(op::COMPLETE_FCOPY));
         rig.host(2, &negotiate(&[FW_3_0], &[SRV_1_1]));
@@ -772,7 +714,7 @@ mod tests {
 
     #[test]
     fn reply_without_transaction_is_silently_discarded_on_linux_3_14() {
-        let rig = rig();
+        let rig = Rig::new();
         let h = rig.daemon();
         assert_eq!(rig.write_u32(h, 0), Ok(4));
         assert_eq!(rig.write_u32(h, E_FAIL), Ok(4));
@@ -781,17 +723,11 @@ mod tests {
 
     #[test]
     fn timeout_replies_e_fail_and_leaves_the_message_readable_on_linux_3_14() {
-        let rig = rig_with_timeout(Duration::from_millis(20));
+        let rig = Rig::with_timeout(Duration::from_millis(20));
         let h = rig.daemon();
         let req = write(0, b"late");
         rig.host(9, &req);
-        assert_eq!(
-            rig.chan.wait_sent(1),
-            vec![Sent {
-                trans_id: 9,
-                payload: expected_reply(&req, E_FAIL)
-            }]
-        );
+        assert_eq!(rig.chan.wait_sent(1), vec![reply_to(9, &req, E_FAIL)]);
         wait_for("the transaction to end", || !rig.dev.lock().active);
         // The token stays: the failed request is still delivered...
         assert_eq!(rig.tokens(), 1);
@@ -805,7 +741,7 @@ mod tests {
 
     #[test]
     fn release_keeps_pending_transaction_on_linux_3_14() {
-        let rig = rig();
+        let rig = Rig::new();
         let h = rig.daemon();
         let req = start("f", "/tmp", 0, 1);
         rig.host(2, &req);
@@ -819,18 +755,12 @@ mod tests {
         let h = rig.daemon();
         assert_eq!(rig.dev.read(h, 1088, 0, &caller()).unwrap().len(), 1088);
         assert_eq!(rig.write_u32(h, 0), Ok(4));
-        assert_eq!(
-            rig.chan.sent(),
-            vec![Sent {
-                trans_id: 2,
-                payload: expected_reply(&req, 0)
-            }]
-        );
+        assert_eq!(rig.chan.sent(), vec![reply_to(2, &req, 0)]);
     }
 
     #[test]
     fn rescind_returns_at_once_with_fd_open_on_linux_3_14() {
-        let rig = rig();
+        let rig = Rig::new();
         let h = rig.daemon();
         rig.host(1, &start("f", "/tmp", 0, 1));
         // Returns although the daemon keeps its fd; the pending request gets no reply.
@@ -851,7 +781,7 @@ mod tests {
 
     #[test]
     fn any_icmsgtype_is_treated_as_fcopy_on_linux_3_14() {
-        let rig = rig();
+        let rig = Rig::new();
         let h = rig.daemon();
         let heartbeat =
             vmbus::ic::build_ic_message(msgtype::HEARTBEAT, FW_3_0, FW_3_0, 0, &[9; 40]);
@@ -860,20 +790,14 @@ mod tests {
         let msg = rig.read(h).unwrap();
         assert_eq!(&msg[..40], &[9; 40]);
         assert_eq!(rig.write_u32(h, 0), Ok(4));
-        assert_eq!(
-            rig.chan.sent(),
-            vec![Sent {
-                trans_id: 7,
-                payload: expected_reply(&heartbeat, 0)
-            }]
-        );
+        assert_eq!(rig.chan.sent(), vec![reply_to(7, &heartbeat, 0)]);
     }
 
     #[test]
     fn short_packet_is_still_a_request_on_linux_3_14() {
         // No length checks: 16 bytes become a request whose IC header and operation come
         // from the receive buffer past the packet (still zero here, so: a START).
-        let rig = rig();
+        let rig = Rig::new();
         let h = rig.daemon();
         rig.chan.push_raw(3, vec![0xff; 16]);
         rig.dev.on_channel_callback();
@@ -885,7 +809,7 @@ mod tests {
 
     #[test]
     fn negotiate_without_common_version_answers_zero_counts_on_linux_3_14() {
-        let rig = rig();
+        let rig = Rig::new();
         rig.daemon();
         rig.host(1, &negotiate(&[IcVersion::new(1, 0)], &[SRV_1_1]));
         let reply = &rig.chan.sent()[0].payload;
@@ -894,7 +818,7 @@ mod tests {
 
     #[test]
     fn oversized_packet_replays_stale_buffer_with_request_id_0_on_linux_3_14() {
-        let rig = rig();
+        let rig = Rig::new();
         let h = rig.daemon();
         let earlier = op(op::CANCEL_FCOPY);
         rig.host(1, &earlier);
@@ -918,7 +842,7 @@ mod tests {
 
     #[test]
     fn poll_reports_vfs_default_on_linux_3_14() {
-        let rig = rig();
+        let rig = Rig::new();
         let h = rig.daemon();
         assert_eq!(rig.dev.poll(h, None), poll_bits::DEFAULT_POLLMASK);
     }

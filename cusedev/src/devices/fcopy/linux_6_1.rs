@@ -164,9 +164,17 @@ impl Service {
 
     /// `fcopy_poll_wrapper()` via `hv_poll_channel()`: "Transaction is finished, reset the
     /// state here to avoid races", then schedule the channel tasklet.
+    ///
+    /// The tasklet is only scheduled when a host packet is waiting. Nothing is lost otherwise:
+    /// the bus runs the callback after every packet it adds, and that callback takes the driver
+    /// lock we hold, so it sees READY; a packet added before our check is seen by the check.
+    /// It saves a thread wake-up per transaction (the host sends its next request only after
+    /// our reply, so the ring is almost always empty here).
     fn poll_wrapper(&mut self) {
         self.state = State::Ready;
-        self.tasklet.schedule(Duration::ZERO);
+        if self.channel.has_pending() {
+            self.tasklet.schedule(Duration::ZERO);
+        }
     }
 
     /// `fcopy_handle_handshake()`.
@@ -472,44 +480,23 @@ mod tests {
     use vmbus::ic::IcVersion;
     use zerocopy::FromBytes;
 
-    const E_FAIL: u32 = status::HV_E_FAIL;
+    type Rig = super::super::testing::Rig<Fcopy61>;
 
-    struct Rig {
-        dev: Arc<Fcopy61>,
-        chan: Arc<TestChannel>,
-    }
+    impl RigDevice for Fcopy61 {
+        const DAEMON_TIMEOUT: Duration = DAEMON_TIMEOUT;
+        /// The 6.1 daemon always reads with a 6196-byte buffer.
+        const READ_LEN: u32 = DO_FCOPY_LEN as u32;
 
-    fn rig() -> Rig {
-        rig_with_timeout(DAEMON_TIMEOUT)
-    }
+        fn create(channel: Arc<dyn HostChannel>, timeout: Duration) -> Arc<Fcopy61> {
+            Fcopy61::new(channel, timeout)
+        }
 
-    fn rig_with_timeout(timeout: Duration) -> Rig {
-        let chan = TestChannel::new();
-        Rig {
-            dev: Fcopy61::new(chan.clone(), timeout),
-            chan,
+        fn sleeping_readers(&self) -> usize {
+            self.hvt.sleeping_readers()
         }
     }
 
     impl Rig {
-        fn host(&self, trans_id: u64, payload: &[u8]) {
-            self.chan.push(trans_id, payload);
-            self.dev.on_channel_callback();
-        }
-
-        fn open(&self) -> Handle {
-            self.dev.open(&caller(), libc::O_RDWR).unwrap()
-        }
-
-        fn write_u32(&self, h: Handle, value: u32) -> Result<u32, Errno> {
-            self.dev.write(h, &value.to_le_bytes(), 0, &caller())
-        }
-
-        fn read(&self, h: Handle) -> Result<Vec<u8>, Errno> {
-            // The 6.1 daemon always reads with a 6196-byte buffer.
-            self.dev.read(h, DO_FCOPY_LEN as u32, 0, &caller())
-        }
-
         /// Opens and registers a version-1 daemon the way hv_fcopy_daemon does.
         fn daemon(&self) -> Handle {
             let h = self.open();
@@ -519,41 +506,51 @@ mod tests {
             h
         }
 
-        fn blocked_read(
-            &self,
-            h: Handle,
-            caller: &Caller,
-        ) -> thread::JoinHandle<Result<Vec<u8>, Errno>> {
-            let before = self.dev.hvt.sleeping_readers();
-            let reader = {
-                let dev = self.dev.clone();
-                let caller = caller.clone();
-                thread::spawn(move || dev.read(h, DO_FCOPY_LEN as u32, 0, &caller))
-            };
-            wait_for("the reader to sleep", || {
-                self.dev.hvt.sleeping_readers() > before
-            });
-            reader
-        }
-
         fn rescind_in_background(&self) -> thread::JoinHandle<()> {
             let dev = self.dev.clone();
             thread::spawn(move || dev.on_rescind())
         }
+
+        /// Starts the rescind on another thread and waits until it waits for the daemon's
+        /// close.
+        fn rescind_waiting_for_close(&self) -> thread::JoinHandle<()> {
+            let remover = self.rescind_in_background();
+            wait_for("rescind to wait for the close", || {
+                self.dev.hvt.destroy_waiting()
+            });
+            remover
+        }
+
+        fn wait_ready_after_timeout(&self) {
+            wait_for("READY after the timeout", || {
+                self.dev.state() == State::Ready
+            });
+        }
+    }
+
+    /// A registered daemon whose START (request 1) was not answered within 20 ms: the host
+    /// has had its HV_E_FAIL and the driver is READY again, the message still unread.
+    fn daemon_with_timed_out_start() -> (Rig, Handle) {
+        let rig = Rig::with_timeout(Duration::from_millis(20));
+        let h = rig.daemon();
+        rig.host(1, &start("f", "/tmp", 0, 1));
+        rig.chan.wait_sent(1);
+        rig.wait_ready_after_timeout();
+        (rig, h)
     }
 
     // ---- §5.2 through the fcopy device --------------------------------------------------
 
     #[test]
     fn second_open_is_ebusy() {
-        let rig = rig();
+        let rig = Rig::new();
         rig.open();
         assert_eq!(rig.dev.open(&caller(), libc::O_RDWR), Err(Errno::EBUSY));
     }
 
     #[test]
     fn short_read_returns_einval_and_keeps_message_on_linux_6_1() {
-        let rig = rig();
+        let rig = Rig::new();
         let h = rig.daemon();
         rig.host(5, &start("f", "/tmp", 0, 1));
         assert_eq!(rig.dev.read(h, 1087, 0, &caller()), Err(Errno::EINVAL));
@@ -562,17 +559,14 @@ mod tests {
 
     #[test]
     fn read_is_interrupted_with_eintr_on_linux_6_1() {
-        let rig = rig();
+        let rig = Rig::new();
         let h = rig.daemon();
-        let caller = caller();
-        let reader = rig.blocked_read(h, &caller);
-        caller.interrupt.fire();
-        assert_eq!(reader.join().unwrap(), Err(Errno::EINTR));
+        rig.assert_read_blocks_until_interrupted(h);
     }
 
     #[test]
     fn nonblocking_read_still_blocks_on_linux_6_1() {
-        let rig = rig();
+        let rig = Rig::new();
         let h = rig
             .dev
             .open(&caller(), libc::O_RDWR | libc::O_NONBLOCK)
@@ -586,7 +580,7 @@ mod tests {
 
     #[test]
     fn read_after_rescind_returns_ebadf_on_linux_6_1() {
-        let rig = rig();
+        let rig = Rig::new();
         let h = rig.daemon();
         let reader = rig.blocked_read(h, &caller());
         let remover = rig.rescind_in_background();
@@ -606,12 +600,9 @@ mod tests {
 
     #[test]
     fn rescind_waits_for_daemon_close_on_linux_6_1() {
-        let rig = rig();
+        let rig = Rig::new();
         let h = rig.daemon();
-        let remover = rig.rescind_in_background();
-        wait_for("rescind to wait for the close", || {
-            rig.dev.hvt.destroy_waiting()
-        });
+        let remover = rig.rescind_waiting_for_close();
         assert!(!remover.is_finished());
         rig.dev.release(h);
         remover.join().unwrap();
@@ -619,7 +610,7 @@ mod tests {
 
     #[test]
     fn rescind_without_daemon_returns_at_once_on_linux_6_1() {
-        let rig = rig();
+        let rig = Rig::new();
         rig.dev.on_rescind();
         assert_eq!(rig.dev.open(&caller(), libc::O_RDWR), Err(Errno::ENODEV));
     }
@@ -627,13 +618,10 @@ mod tests {
     #[test]
     fn rescind_with_pending_transaction_sends_no_reply_on_linux_6_1() {
         // hv_fcopy_deinit() cancels the timer without replying; on_reset then finds no timer.
-        let rig = rig();
+        let rig = Rig::new();
         let h = rig.daemon();
         rig.host(3, &start("f", "/tmp", 0, 1));
-        let remover = rig.rescind_in_background();
-        wait_for("rescind to wait for the close", || {
-            rig.dev.hvt.destroy_waiting()
-        });
+        let remover = rig.rescind_waiting_for_close();
         rig.dev.release(h);
         remover.join().unwrap();
         assert!(rig.chan.sent().is_empty());
@@ -644,7 +632,7 @@ mod tests {
 
     #[test]
     fn poll_reports_queued_message_and_never_pollout_on_linux_6_1() {
-        let rig = rig();
+        let rig = Rig::new();
         let h = rig.open();
         assert_eq!(rig.dev.poll(h, None), 0);
         rig.write_u32(h, FCOPY_VERSION_1).unwrap();
@@ -656,7 +644,7 @@ mod tests {
 
     #[test]
     fn offsets_are_ignored_on_linux_6_1() {
-        let rig = rig();
+        let rig = Rig::new();
         let h = rig.open();
         // pwrite at offset 99 registers, pread at offset 12345 reads the reply.
         assert_eq!(rig.dev.write(h, &1u32.to_le_bytes(), 99, &caller()), Ok(4));
@@ -670,7 +658,7 @@ mod tests {
 
     #[test]
     fn registration_of_wrong_size_is_einval_on_linux_6_1() {
-        let rig = rig();
+        let rig = Rig::new();
         let h = rig.open();
         assert_eq!(
             rig.dev.write(h, &[1, 0, 0], 0, &caller()),
@@ -685,7 +673,7 @@ mod tests {
 
     #[test]
     fn version_0_daemon_never_reaches_ready_on_linux_6_1() {
-        let rig = rig();
+        let rig = Rig::new();
         let h = rig.open();
         assert_eq!(rig.write_u32(h, FCOPY_VERSION_0), Ok(4));
         // No reply is queued and the state stays DEVICE_INIT...
@@ -695,19 +683,13 @@ mod tests {
         // ...so host requests still fail at once, and writing 0 again is another handshake.
         let req = start("f", "/tmp", 0, 1);
         rig.host(9, &req);
-        assert_eq!(
-            rig.chan.sent(),
-            vec![Sent {
-                trans_id: 9,
-                payload: expected_reply(&req, E_FAIL)
-            }]
-        );
+        assert_eq!(rig.chan.sent(), vec![reply_to(9, &req, E_FAIL)]);
         assert_eq!(rig.write_u32(h, FCOPY_VERSION_0), Ok(4));
     }
 
     #[test]
     fn version_1_daemon_is_ready_only_after_reading_the_reply_on_linux_6_1() {
-        let rig = rig();
+        let rig = Rig::new();
         let h = rig.open();
         assert_eq!(rig.write_u32(h, FCOPY_VERSION_1), Ok(4));
         assert_eq!(rig.dev.state(), State::DeviceInit);
@@ -722,7 +704,7 @@ mod tests {
 
     #[test]
     fn second_registration_before_reading_the_reply_is_efault_on_linux_6_1() {
-        let rig = rig();
+        let rig = Rig::new();
         let h = rig.open();
         assert_eq!(rig.write_u32(h, FCOPY_VERSION_1), Ok(4));
         assert_eq!(rig.write_u32(h, FCOPY_VERSION_1), Err(Errno::EFAULT));
@@ -730,7 +712,7 @@ mod tests {
 
     #[test]
     fn registration_with_unknown_version_is_einval_on_linux_6_1() {
-        let rig = rig();
+        let rig = Rig::new();
         let h = rig.open();
         assert_eq!(rig.write_u32(h, 2), Err(Errno::EINVAL));
         assert_eq!(rig.write_u32(h, u32::MAX), Err(Errno::EINVAL));
@@ -739,7 +721,7 @@ mod tests {
 
     #[test]
     fn reply_without_pending_request_is_einval_on_linux_6_1() {
-        let rig = rig();
+        let rig = Rig::new();
         let h = rig.daemon();
         assert_eq!(rig.write_u32(h, 0), Err(Errno::EINVAL));
         // A second handshake once READY is no handshake: EINVAL too.
@@ -749,7 +731,7 @@ mod tests {
 
     #[test]
     fn reply_completes_transaction_on_linux_6_1() {
-        let rig = rig();
+        let rig = Rig::new();
         let h = rig.daemon();
         let req = start("f", "/tmp", OVER_WRITE, 10);
         rig.host(77, &req);
@@ -760,10 +742,7 @@ mod tests {
         // The whole received buffer (padded recvlen 1120), status and flags 0x05, same id.
         assert_eq!(
             sent,
-            vec![Sent {
-                trans_id: 77,
-                payload: expected_reply(&req, status::HV_ERROR_ALREADY_EXISTS)
-            }]
+            vec![reply_to(77, &req, status::HV_ERROR_ALREADY_EXISTS)]
         );
         assert_eq!(sent[0].payload.len(), 1120);
         assert_eq!(icflags_of(&sent[0].payload), 0x05);
@@ -774,7 +753,7 @@ mod tests {
 
     #[test]
     fn packet_during_transaction_waits_in_ring_until_repoll_on_linux_6_1() {
-        let rig = rig();
+        let rig = Rig::new();
         let h = rig.daemon();
         rig.host(1, &start("f", "/tmp", 0, 1));
         rig.read(h).unwrap();
@@ -794,7 +773,7 @@ mod tests {
         // The timer has started firing (no longer pending) but not replied yet: the state is
         // still USERSPACE_REQ, cancel_delayed_work_sync() returns false, write returns 4 and
         // the daemon's answer is dropped; the timer then replies HV_E_FAIL.
-        let rig = rig_with_timeout(Duration::from_millis(1));
+        let rig = Rig::with_timeout(Duration::from_millis(1));
         let h = rig.daemon();
         rig.dev.timer.hold_next_firing();
         let req = op(op::COMPLETE_FCOPY);
@@ -805,37 +784,25 @@ mod tests {
         assert!(rig.chan.sent().is_empty());
         rig.dev.timer.release_hold();
         let sent = rig.chan.wait_sent(1);
-        assert_eq!(
-            sent,
-            vec![Sent {
-                trans_id: 6,
-                payload: expected_reply(&req, E_FAIL)
-            }]
-        );
+        assert_eq!(sent, vec![reply_to(6, &req, E_FAIL)]);
     }
 
     #[test]
     fn close_fails_pending_transaction_at_once_on_linux_6_1() {
-        let rig = rig();
+        let rig = Rig::new();
         let h = rig.daemon();
         let req = write(0, b"data");
         rig.host(8, &req);
         rig.dev.release(h);
         // Synchronously, long before the 30 s timer.
-        assert_eq!(
-            rig.chan.sent(),
-            vec![Sent {
-                trans_id: 8,
-                payload: expected_reply(&req, E_FAIL)
-            }]
-        );
+        assert_eq!(rig.chan.sent(), vec![reply_to(8, &req, E_FAIL)]);
         assert_eq!(rig.dev.state(), State::DeviceInit);
         assert!(!rig.dev.timer.is_pending());
     }
 
     #[test]
     fn close_without_transaction_sends_nothing_and_unregisters_on_linux_6_1() {
-        let rig = rig();
+        let rig = Rig::new();
         let h = rig.daemon();
         rig.dev.release(h);
         assert!(rig.chan.sent().is_empty());
@@ -846,7 +813,7 @@ mod tests {
 
     #[test]
     fn close_drops_unread_message_on_linux_6_1() {
-        let rig = rig();
+        let rig = Rig::new();
         let h = rig.daemon();
         rig.host(1, &start("f", "/tmp", 0, 1));
         rig.dev.release(h);
@@ -858,7 +825,7 @@ mod tests {
 
     #[test]
     fn negotiate_answered_without_daemon_on_linux_6_1() {
-        let rig = rig();
+        let rig = Rig::new();
         let req = negotiate(
             &[IcVersion::new(1, 0), FW_3_0],
             &[IcVersion::new(1, 0), SRV_1_1],
@@ -881,7 +848,7 @@ mod tests {
 
     #[test]
     fn negotiate_without_common_version_answers_zero_counts_on_linux_6_1() {
-        let rig = rig();
+        let rig = Rig::new();
         rig.host(12, &negotiate(&[IcVersion::new(1, 0)], &[SRV_1_1]));
         let reply = &rig.chan.wait_sent(1)[0].payload;
         assert_eq!(vmbus::negotiate::parse_response(reply).unwrap(), None);
@@ -890,7 +857,7 @@ mod tests {
 
     #[test]
     fn negotiate_is_answered_between_transactions_on_linux_6_1() {
-        let rig = rig();
+        let rig = Rig::new();
         rig.daemon();
         rig.host(13, &negotiate(&[FW_3_0], &[SRV_1_1]));
         assert_eq!(rig.chan.wait_sent(1)[0].trans_id, 13);
@@ -898,27 +865,21 @@ mod tests {
 
     #[test]
     fn no_daemon_fails_fcopy_request_immediately() {
-        let rig = rig();
+        let rig = Rig::new();
         for (id, req) in [
             (1, start("a", "/b", 0, 0)),
             (2, write(0, b"x")),
             (3, op(op::CANCEL_FCOPY)),
         ] {
             rig.host(id, &req);
-            assert_eq!(
-                rig.chan.sent().last().unwrap(),
-                &Sent {
-                    trans_id: id,
-                    payload: expected_reply(&req, E_FAIL)
-                }
-            );
+            assert_eq!(rig.chan.sent().last().unwrap(), &reply_to(id, &req, E_FAIL));
         }
         assert_eq!(rig.dev.state(), State::DeviceInit);
     }
 
     #[test]
     fn daemon_open_but_unregistered_still_fails_requests_immediately_on_linux_6_1() {
-        let rig = rig();
+        let rig = Rig::new();
         let h = rig.open();
         rig.host(1, &start("a", "/b", 0, 0));
         assert_eq!(status_of(&rig.chan.sent()[0].payload), E_FAIL);
@@ -927,7 +888,7 @@ mod tests {
 
     #[test]
     fn unknown_icmsgtype_dropped_without_reply() {
-        let rig = rig();
+        let rig = Rig::new();
         rig.daemon();
         let heartbeat =
             vmbus::ic::build_ic_message(msgtype::HEARTBEAT, FW_3_0, FW_3_0, 0, &[0; 40]);
@@ -939,7 +900,7 @@ mod tests {
 
     #[test]
     fn oversized_packet_wedges_channel() {
-        let rig = rig();
+        let rig = Rig::new();
         rig.daemon();
         rig.chan.push_raw(1, vec![0; RECV_LIMIT + 8]);
         rig.dev.on_channel_callback();
@@ -951,7 +912,7 @@ mod tests {
 
     #[test]
     fn packet_of_exactly_8192_bytes_is_read_on_linux_6_1() {
-        let rig = rig();
+        let rig = Rig::new();
         let mut req = op(op::COMPLETE_FCOPY);
         req.resize(RECV_LIMIT, 0);
         rig.host(1, &req);
@@ -960,7 +921,7 @@ mod tests {
 
     #[test]
     fn empty_packet_is_ignored_on_linux_6_1() {
-        let rig = rig();
+        let rig = Rig::new();
         rig.daemon();
         rig.host(1, &[]);
         assert!(rig.chan.sent().is_empty());
@@ -969,7 +930,7 @@ mod tests {
 
     #[test]
     fn packet_shorter_than_ic_header_dropped_without_reply_on_linux_6_1() {
-        let rig = rig();
+        let rig = Rig::new();
         rig.daemon();
         rig.host(1, &[0; 20]);
         assert!(rig.chan.sent().is_empty());
@@ -978,7 +939,7 @@ mod tests {
 
     #[test]
     fn fcopy_packet_without_room_for_fcopy_header_dropped_without_reply_on_linux_6_1() {
-        let rig = rig();
+        let rig = Rig::new();
         rig.daemon();
         // 28 + 28 = 56 bytes (already a multiple of 8) < 64.
         rig.host(1, &fcopy(&[0; 28]));
@@ -988,7 +949,7 @@ mod tests {
 
     #[test]
     fn start_delivers_1088_converted_bytes_on_linux_6_1() {
-        let rig = rig();
+        let rig = Rig::new();
         let h = rig.daemon();
         rig.host(
             1,
@@ -1010,7 +971,7 @@ mod tests {
 
     #[test]
     fn write_delivers_exactly_6196_bytes() {
-        let rig = rig();
+        let rig = Rig::new();
         let h = rig.daemon();
         let data: Vec<u8> = (0..6144u32).map(|i| (i % 251) as u8).collect();
         let req = write(4096, &data);
@@ -1023,7 +984,7 @@ mod tests {
 
     #[test]
     fn short_write_packet_delivers_stale_bytes_past_its_end_on_linux_6_1() {
-        let rig = rig();
+        let rig = Rig::new();
         let h = rig.daemon();
         let full = write(0, &[0xaa; 6144]);
         rig.host(1, &full);
@@ -1043,7 +1004,7 @@ mod tests {
 
     #[test]
     fn complete_delivers_recvlen_bytes_with_stale_tail() {
-        let rig = rig();
+        let rig = Rig::new();
         let h = rig.daemon();
         let earlier = write(7, &[0x5a; 6144]);
         rig.host(1, &earlier);
@@ -1063,7 +1024,7 @@ mod tests {
 
     #[test]
     fn unknown_operation_is_delivered_raw_on_linux_6_1() {
-        let rig = rig();
+        let rig = Rig::new();
         let h = rig.daemon();
         let req = op(42);
         rig.host(1, &req);
@@ -1074,33 +1035,19 @@ mod tests {
 
     #[test]
     fn timeout_replies_e_fail() {
-        let rig = rig_with_timeout(Duration::from_millis(20));
+        let rig = Rig::with_timeout(Duration::from_millis(20));
         let h = rig.daemon();
         let req = start("f", "/tmp", 0, 1);
         rig.host(21, &req);
         let sent = rig.chan.wait_sent(1);
-        assert_eq!(
-            sent,
-            vec![Sent {
-                trans_id: 21,
-                payload: expected_reply(&req, E_FAIL)
-            }]
-        );
-        wait_for("READY after the timeout", || {
-            rig.dev.state() == State::Ready
-        });
+        assert_eq!(sent, vec![reply_to(21, &req, E_FAIL)]);
+        rig.wait_ready_after_timeout();
         let _ = h;
     }
 
     #[test]
     fn timed_out_message_stays_queued_and_late_reply_is_einval_on_linux_6_1() {
-        let rig = rig_with_timeout(Duration::from_millis(20));
-        let h = rig.daemon();
-        rig.host(1, &start("f", "/tmp", 0, 1));
-        rig.chan.wait_sent(1);
-        wait_for("READY after the timeout", || {
-            rig.dev.state() == State::Ready
-        });
+        let (rig, h) = daemon_with_timed_out_start();
         // The daemon reads the stale message later and answers it: EINVAL.
         assert_eq!(rig.read(h).unwrap().len(), 1088);
         assert_eq!(rig.write_u32(h, 0), Err(Errno::EINVAL));
@@ -1109,24 +1056,12 @@ mod tests {
 
     #[test]
     fn request_while_stale_message_unread_fails_at_once_on_linux_6_1() {
-        let rig = rig_with_timeout(Duration::from_millis(20));
-        let h = rig.daemon();
-        rig.host(1, &start("f", "/tmp", 0, 1));
-        rig.chan.wait_sent(1);
-        wait_for("READY after the timeout", || {
-            rig.dev.state() == State::Ready
-        });
+        let (rig, h) = daemon_with_timed_out_start();
         // The timed-out START still blocks the slot: the next request cannot be queued
         // (EFAULT from hvutil_transport_send) and is failed at once.
         let req = op(op::CANCEL_FCOPY);
         rig.host(2, &req);
-        assert_eq!(
-            rig.chan.sent()[1],
-            Sent {
-                trans_id: 2,
-                payload: expected_reply(&req, E_FAIL)
-            }
-        );
+        assert_eq!(rig.chan.sent()[1], reply_to(2, &req, E_FAIL));
         assert_eq!(rig.dev.state(), State::Ready);
         // The daemon still gets the old START.
         assert_eq!(rig.read(h).unwrap().len(), 1088);
@@ -1136,7 +1071,7 @@ mod tests {
 
     #[test]
     fn full_daemon_sequence_on_linux_6_1() {
-        let rig = rig();
+        let rig = Rig::new();
         // 1. The daemon opens and registers (blocking in its first read on its own thread).
         let h = rig.open();
         assert_eq!(rig.write_u32(h, FCOPY_VERSION_1), Ok(4));

@@ -8,8 +8,9 @@ use vmbus::ic::{build_ic_message, ic_header, msgtype, IcVersion};
 use vmbus::negotiate::build_request_body;
 use vmbus::packet::{encode_inband, parse_packet};
 
-use crate::bus::channel::{HostChannel, InboundPacket, InboundRing, RecvError};
-use crate::device::Caller;
+use crate::bus::channel::{ChannelDriver, HostChannel, InboundPacket, InboundRing, RecvError};
+use crate::device::{Caller, Device, Errno, Handle};
+use crate::devices::hvutil_transport::wait_for;
 
 /// A packet the driver sent to the host.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -98,6 +99,9 @@ pub(crate) fn caller() -> Caller {
     Caller::detached(4242)
 }
 
+/// `HV_E_FAIL`, what the driver answers for a request that failed on its side.
+pub(crate) const E_FAIL: u32 = vmbus::ic::status::HV_E_FAIL;
+
 /// Framework / message versions a host puts in its IC headers.
 pub(crate) const FW_3_0: IcVersion = IcVersion::new(3, 0);
 pub(crate) const SRV_1_1: IcVersion = IcVersion::new(1, 1);
@@ -153,4 +157,93 @@ pub(crate) fn expected_reply(request: &[u8], status: u32) -> Vec<u8> {
     let mut out = padded(request);
     vmbus::ic::set_reply(&mut out, status).unwrap();
     out
+}
+
+/// The reply the driver must send for `request` (under `trans_id`, with `status`).
+pub(crate) fn reply_to(trans_id: u64, request: &[u8], status: u32) -> Sent {
+    Sent {
+        trans_id,
+        payload: expected_reply(request, status),
+    }
+}
+
+/// What a test rig needs to know of one profile's fcopy model.
+pub(crate) trait RigDevice: Device + ChannelDriver + Send + Sync + 'static {
+    /// The kernel's daemon timeout for this model.
+    const DAEMON_TIMEOUT: Duration;
+    /// The buffer size this profile's daemon reads with.
+    const READ_LEN: u32;
+
+    /// The model on `channel` with daemon timeout `timeout`.
+    fn create(channel: Arc<dyn HostChannel>, timeout: Duration) -> Arc<Self>;
+
+    /// How many readers sleep in `read` waiting for a message.
+    fn sleeping_readers(&self) -> usize;
+}
+
+/// A device of one profile on a [`TestChannel`]. Profile-specific helpers (registering a
+/// daemon and the like) are inherent impls next to each model's tests.
+pub(crate) struct Rig<D> {
+    pub dev: Arc<D>,
+    pub chan: Arc<TestChannel>,
+}
+
+impl<D: RigDevice> Rig<D> {
+    /// A rig with the kernel's daemon timeout.
+    pub(crate) fn new() -> Rig<D> {
+        Rig::with_timeout(D::DAEMON_TIMEOUT)
+    }
+
+    pub(crate) fn with_timeout(timeout: Duration) -> Rig<D> {
+        let chan = TestChannel::new();
+        Rig {
+            dev: D::create(chan.clone(), timeout),
+            chan,
+        }
+    }
+
+    /// The host sends `payload` and the channel callback runs once.
+    pub(crate) fn host(&self, trans_id: u64, payload: &[u8]) {
+        self.chan.push(trans_id, payload);
+        self.dev.on_channel_callback();
+    }
+
+    pub(crate) fn open(&self) -> Handle {
+        self.dev.open(&caller(), libc::O_RDWR).unwrap()
+    }
+
+    pub(crate) fn write_u32(&self, h: Handle, value: u32) -> Result<u32, Errno> {
+        self.dev.write(h, &value.to_le_bytes(), 0, &caller())
+    }
+
+    /// A read with the buffer size this profile's daemon uses.
+    pub(crate) fn read(&self, h: Handle) -> Result<Vec<u8>, Errno> {
+        self.dev.read(h, D::READ_LEN, 0, &caller())
+    }
+
+    /// Starts a read on another thread and waits until it sleeps.
+    pub(crate) fn blocked_read(
+        &self,
+        h: Handle,
+        caller: &Caller,
+    ) -> std::thread::JoinHandle<Result<Vec<u8>, Errno>> {
+        let before = self.dev.sleeping_readers();
+        let reader = {
+            let dev = self.dev.clone();
+            let caller = caller.clone();
+            std::thread::spawn(move || dev.read(h, D::READ_LEN, 0, &caller))
+        };
+        wait_for("the reader to sleep", || {
+            self.dev.sleeping_readers() > before
+        });
+        reader
+    }
+
+    /// A read that blocks (nothing to read) until a signal interrupts it with EINTR.
+    pub(crate) fn assert_read_blocks_until_interrupted(&self, h: Handle) {
+        let caller = caller();
+        let reader = self.blocked_read(h, &caller);
+        caller.interrupt.fire();
+        assert_eq!(reader.join().unwrap(), Err(Errno::EINTR));
+    }
 }
