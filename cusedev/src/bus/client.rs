@@ -351,9 +351,21 @@ impl Session {
                     stream,
                 },
             );
+        let session = self.clone();
         thread::Builder::new()
             .name(format!("chan-{child_relid}"))
-            .spawn(move || pump_channel(reader, ring, driver, child_relid))
+            .spawn(move || {
+                if let Err(e) = pump_channel(reader, ring, driver, child_relid) {
+                    // Framing is lost: nothing more can be read from this channel. Leaving
+                    // the node would leave a device nobody answers, so it goes as if
+                    // rescinded, and the host learns the relid is released.
+                    error!(
+                        "relid {child_relid}: channel stream broken ({e}); removing the device \
+                         as if rescinded, the host must offer it again"
+                    );
+                    session.rescind(child_relid);
+                }
+            })
             .map_err(|e| format!("starting the channel reader: {e}"))?;
 
         self.registry.add_device(device)?;
@@ -430,27 +442,24 @@ fn read_control(stream: &mut UnixStream) -> Result<Option<ChannelMessage>, BusEr
     }
 }
 
-/// Moves packets from a channel stream into the driver's ring and runs its callback.
+/// Moves packets from a channel stream into the driver's ring and runs its callback, until
+/// the stream ends (`Ok`) or breaks (`Err`).
 fn pump_channel(
     mut stream: UnixStream,
     ring: Arc<InboundRing>,
     driver: Arc<dyn ChannelDriver>,
     child_relid: u32,
-) {
+) -> Result<(), FrameError> {
     loop {
-        let body = match read_frame(&mut stream) {
-            Ok(Some((kind::PACKET, body))) => body,
-            Ok(Some((other, _))) => {
+        let body = match read_frame(&mut stream)? {
+            Some((kind::PACKET, body)) => body,
+            Some((other, _)) => {
                 warn!("relid {child_relid}: host sent a frame of kind {other} on a channel stream; dropped");
                 continue;
             }
-            Ok(None) => {
+            None => {
                 debug!("relid {child_relid}: channel stream closed");
-                return;
-            }
-            Err(e) => {
-                warn!("relid {child_relid}: channel stream broken: {e}");
-                return;
+                return Ok(());
             }
         };
         let packet = match vmbus::packet::parse_packet(&body) {
@@ -464,7 +473,7 @@ fn pump_channel(
             }
         };
         if !ring.push(packet) {
-            return;
+            return Ok(());
         }
         driver.on_channel_callback();
     }
