@@ -192,3 +192,20 @@ fn copy_without_a_registered_daemon_fails_at_once_with_e_fail() {
     assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
     assert!(stdout(&out).contains("0x80004005"), "{}", stdout(&out));
 }
+
+#[test]
+fn the_unmodified_6_1_daemon_cannot_register_with_the_2014_driver() {
+    // Spec §9 #1: it writes version 1, the 2014 driver accepts only 0 → EINVAL →
+    // "Registration failed" → exit 1. This is why linux-6.1 is the default profile.
+    enter_private_mount_namespace().expect("private mount namespace");
+    let rig = Rig::start("seed_daemon", "linux-3.14");
+    let mut daemon = cusedev_tests::harness::Supervised::spawn(
+        "hv_fcopy_daemon",
+        std::process::Command::new(cusedev_tests::harness::FCOPY_DAEMON).arg("-n"),
+    );
+    assert_eq!(daemon.wait_exit().code(), Some(1));
+    rig.guest.wait_for_log(
+        "registration with version 1 refused: the 2014 driver accepts only version 0",
+    );
+    assert!(!rig.guest.log_contains("registering done"));
+}
