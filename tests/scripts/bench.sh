@@ -5,11 +5,8 @@ set -euo pipefail
 top=$(cd "$(dirname "$0")/../.." && pwd)
 bin=$(cd "${1:-$top/target/release}" && pwd)
 
-if [ -z "${CUSEDEV_IN_NAMESPACE:-}" ]; then
-    exec env CUSEDEV_IN_NAMESPACE=1 unshare --mount --propagation private "$0" "$bin"
-fi
-
 . "$top/tests/scripts/lib.sh"
+in_private_mount_namespace "$0" "$bin"
 work=$top/build/bench
 rm -rf "$work"; mkdir -p "$work/src" "$work/guest"
 mount -t tmpfs -o size=1100m tmpfs "$work/src"

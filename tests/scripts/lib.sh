@@ -2,6 +2,14 @@
 # inside the current (private) mount namespace, and stop them on exit.
 # Usage: . lib.sh; rig_start BIN_DIR WORK_DIR
 
+# in_private_mount_namespace SCRIPT ARGS...: runs SCRIPT again inside its own mount namespace
+# (private propagation) unless it already is there, so its mounts vanish with it.
+in_private_mount_namespace() {
+    if [ -z "${CUSEDEV_IN_NAMESPACE:-}" ]; then
+        exec env CUSEDEV_IN_NAMESPACE=1 unshare --mount --propagation private "$@"
+    fi
+}
+
 rig_pids=()
 rig_stop() {
     for pid in "${rig_pids[@]}"; do kill "$pid" 2>/dev/null || true; done

@@ -216,6 +216,32 @@ pub fn prep_negotiate_resp(
     put_u16_clipped(payload, ICMSGSIZE_AT, RESPONSE_ICMSGSIZE);
     let host_fw_count = get_u16_or_zero(payload, FRAME_COUNT_AT);
     let host_srv_count = get_u16_or_zero(payload, MSG_COUNT_AT);
+
+    // VALID-2020: ICMSG_NEGOTIATE_PKT_SIZE(fw, srv) = 28 + 8 + 4 * (fw + srv) > buflen.
+    let needed =
+        ENTRIES_AT + VERSION_ENTRY_LEN * (usize::from(host_fw_count) + usize::from(host_srv_count));
+    if host_fw_count > MAX_VER_COUNT || host_srv_count > MAX_VER_COUNT || needed > payload.len() {
+        write_response(
+            payload,
+            false,
+            IcVersion::new(host_fw_count, 0),
+            IcVersion::new(host_srv_count, 0),
+        );
+        return None;
+    }
+    choose_and_respond(payload, fw_list, srv_list, host_fw_count, host_srv_count)
+}
+
+/// Steps 4–6, the same in every era: the guest's framework list against the host's
+/// framework entries, then its service list against the host's service entries (guest order
+/// outer, host order inner, first exact match), and the answer written in place.
+fn choose_and_respond(
+    payload: &mut [u8],
+    fw_list: &[IcVersion],
+    srv_list: &[IcVersion],
+    host_fw_count: u16,
+    host_srv_count: u16,
+) -> Option<(IcVersion, IcVersion)> {
     let fw_count = usize::from(host_fw_count);
     let srv_count = usize::from(host_srv_count);
     // The kernel's failure values, (count, 0) in each entry: channel_mgmt.c (6.1) starts with
@@ -223,14 +249,6 @@ pub fn prep_negotiate_resp(
     // those locals into icversion_data[0]/[1] at `fw_error:` when nothing replaced them.
     let fail_fw = IcVersion::new(host_fw_count, 0);
     let fail_srv = IcVersion::new(host_srv_count, 0);
-
-    // VALID-2020: ICMSG_NEGOTIATE_PKT_SIZE(fw, srv) = 28 + 8 + 4 * (fw + srv) > buflen.
-    let needed = ENTRIES_AT + VERSION_ENTRY_LEN * (fw_count + srv_count);
-    if host_fw_count > MAX_VER_COUNT || host_srv_count > MAX_VER_COUNT || needed > payload.len() {
-        write_response(payload, false, fail_fw, fail_srv);
-        return None;
-    }
-
     let Some(fw) = first_match(payload, fw_list, 0..fw_count) else {
         write_response(payload, false, fail_fw, fail_srv);
         return None;
@@ -262,21 +280,7 @@ pub fn prep_negotiate_resp_v3(
     put_u16_clipped(payload, ICMSGSIZE_AT, RESPONSE_ICMSGSIZE);
     let host_fw_count = get_u16_or_zero(payload, FRAME_COUNT_AT);
     let host_srv_count = get_u16_or_zero(payload, MSG_COUNT_AT);
-    let fw_count = usize::from(host_fw_count);
-    let srv_count = usize::from(host_srv_count);
-    let fail_fw = IcVersion::new(host_fw_count, 0);
-    let fail_srv = IcVersion::new(host_srv_count, 0);
-
-    let Some(fw) = first_match(payload, fw_list, 0..fw_count) else {
-        write_response(payload, false, fail_fw, fail_srv);
-        return None;
-    };
-    let Some(srv) = first_match(payload, srv_list, fw_count..fw_count + srv_count) else {
-        write_response(payload, false, fw, fail_srv);
-        return None;
-    };
-    write_response(payload, true, fw, srv);
-    Some((fw, srv))
+    choose_and_respond(payload, fw_list, srv_list, host_fw_count, host_srv_count)
 }
 
 /// Host side: reads the guest's negotiate reply (whole payload: pipe + IC header + body).

@@ -103,6 +103,21 @@ impl DelayedWork {
         DelayedWork { inner }
     }
 
+    /// A work item that calls `work` on the driver `owner` points to, while it still
+    /// exists. Drivers own their work items, so the item holds them weakly: a strong
+    /// reference would keep a driver alive through its own timer.
+    pub fn for_driver<T: Send + Sync + 'static>(
+        name: &str,
+        owner: std::sync::Weak<T>,
+        work: fn(&T),
+    ) -> DelayedWork {
+        DelayedWork::new(name, move || {
+            if let Some(owner) = owner.upgrade() {
+                work(&owner);
+            }
+        })
+    }
+
     /// `schedule_delayed_work(work, delay)`: runs the function once `delay` has passed, unless
     /// it is already pending, in which case nothing changes and false is returned. A function
     /// that is running does not count as pending: it will run again.
@@ -165,6 +180,19 @@ impl DelayedWork {
     /// Test hook: the next firing stops after it stopped being pending and before the function
     /// runs, until [`DelayedWork::release_hold`]. That is the kernel's window in which
     /// `cancel_delayed_work_sync()` returns false because the work is already running.
+    /// Test hook: waits until the work thread sleeps with a deadline (not merely started).
+    #[cfg(test)]
+    pub(crate) fn wait_until_sleeping_with_deadline(&self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !matches!(self.inner.lock().sleep, Sleep::Until(_)) {
+            assert!(
+                Instant::now() < deadline,
+                "the work thread never went to sleep"
+            );
+            thread::yield_now();
+        }
+    }
+
     #[cfg(test)]
     pub(crate) fn hold_next_firing(&self) {
         self.inner.lock().hold = true;
@@ -270,6 +298,7 @@ mod tests {
         // The thread sleeps until the hour is up; the new, earlier expiry must wake it.
         let (work, ran) = counter_work("dw-test-earlier");
         assert!(work.schedule(Duration::from_secs(3600)));
+        work.wait_until_sleeping_with_deadline();
         assert!(work.cancel());
         assert!(work.schedule(Duration::from_millis(10)));
         ran.recv_timeout(Duration::from_secs(10)).unwrap();
@@ -280,6 +309,7 @@ mod tests {
         // The thread wakes at the first expiry, finds the later one and sleeps on.
         let (work, ran) = counter_work("dw-test-later");
         assert!(work.schedule(Duration::from_millis(20)));
+        work.wait_until_sleeping_with_deadline();
         assert!(work.cancel());
         let rearmed = Instant::now();
         assert!(work.schedule(Duration::from_millis(120)));

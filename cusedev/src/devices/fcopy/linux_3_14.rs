@@ -36,7 +36,7 @@ use vmbus::fcopy::{op, DO_FCOPY_SEED_LEN, FCOPY_VERSION_0, START_FCOPY_LEN};
 use vmbus::ic::{msgtype, set_response_flags, status, ICMSG_HDR_LEN};
 use vmbus::negotiate::{prep_negotiate_resp_v3, FCOPY_FW_VERSIONS, FCOPY_SRV_VERSIONS};
 
-use super::{op_name, RecvBuffer, DEVICE_NAME, RECV_LIMIT};
+use super::{op_name, HostSide, DEVICE_NAME, RECV_LIMIT};
 use crate::bus::channel::{ChannelDriver, HostChannel, RecvError};
 use crate::device::{Caller, Device, Errno, Handle};
 use crate::devices::delayed_work::DelayedWork;
@@ -69,18 +69,14 @@ struct Seed {
     read_sema: u32,
     /// Readers sleeping on the semaphore (test visibility).
     sleeping_readers: usize,
-    recv_len: usize,
-    recv_req_id: u64,
     /// `fcopy_transaction.message`: the converted START, rebuilt by each START only.
     message: Vec<u8>,
     /// `fcopy_transaction.fcopy_context`: the callback was deferred at least once. Never
     /// cleared, so every later handshake runs the callback.
     fcopy_context: bool,
-    recv: RecvBuffer,
-    channel: Arc<dyn HostChannel>,
+    /// The channel and the host request in hand.
+    host: HostSide,
     timeout: Duration,
-    /// `vmbus_close()` has run: the callback is gone and replies are dropped.
-    channel_closed: bool,
     /// `misc_deregister()` has run.
     deregistered: bool,
 }
@@ -90,12 +86,11 @@ impl SeedFcopy {
     /// semaphore at 0, the device registered.
     pub fn new(channel: Arc<dyn HostChannel>, timeout: Duration) -> Arc<SeedFcopy> {
         Arc::new_cyclic(|me: &Weak<SeedFcopy>| {
-            let weak = me.clone();
-            let timer = Arc::new(DelayedWork::new("hv_fcopy-timer", move || {
-                if let Some(me) = weak.upgrade() {
-                    me.timeout_work();
-                }
-            }));
+            let timer = Arc::new(DelayedWork::for_driver(
+                "hv_fcopy-timer",
+                me.clone(),
+                SeedFcopy::timeout_work,
+            ));
             SeedFcopy {
                 ws: WaitState::new(Seed {
                     opened: false,
@@ -103,14 +98,10 @@ impl SeedFcopy {
                     active: true,
                     read_sema: 0,
                     sleeping_readers: 0,
-                    recv_len: 0,
-                    recv_req_id: 0,
                     message: vec![0; START_FCOPY_LEN],
                     fcopy_context: false,
-                    recv: RecvBuffer::new(),
-                    channel,
+                    host: HostSide::new(channel),
                     timeout,
-                    channel_closed: false,
                     deregistered: false,
                 }),
                 callback_serial: Mutex::new(()),
@@ -130,7 +121,7 @@ impl SeedFcopy {
         warn!(
             "hv_fcopy: the daemon did not answer {} within {:?}; replying HV_E_FAIL (its \
              semaphore token stays, so the request can still be read: hv_fcopy.c v3.15)",
-            op_name(seed.recv.operation()),
+            op_name(seed.host.recv.operation()),
             seed.timeout
         );
         seed.respond_to_host(status::HV_E_FAIL);
@@ -153,19 +144,7 @@ impl Seed {
     /// `fcopy_respond_to_host()`: ends the transaction and echoes the buffer with `status`.
     fn respond_to_host(&mut self, status: u32) {
         self.active = false;
-        if self.channel_closed {
-            // "We have raced with util driver being unloaded; silently return."
-            debug!("hv_fcopy: channel closed, reply {status:#x} dropped");
-            return;
-        }
-        let reply = self.recv.reply(self.recv_len, status);
-        debug!(
-            "hv_fcopy: replying {status:#x} ({}) to host request {} ({} bytes)",
-            vmbus::ic::status_meaning(status),
-            self.recv_req_id,
-            reply.len()
-        );
-        self.channel.send_inband(self.recv_req_id, &reply);
+        self.host.respond(status);
     }
 }
 
@@ -218,7 +197,7 @@ impl Device for SeedFcopy {
             return Err(Errno::ENODEV);
         }
         // fcopy_msg points into the live receive buffer: what is there *now* decides.
-        let operation = seed.recv.operation();
+        let operation = seed.host.recv.operation();
         let count = count as usize;
         if operation == op::START_FILE_COPY {
             if count < START_FCOPY_LEN {
@@ -238,7 +217,7 @@ impl Device for SeedFcopy {
                 return Ok(Vec::new());
             }
             // sizeof(struct hv_do_fcopy) of the seed-era header (no pad): 6192 raw bytes.
-            Ok(seed.recv.bytes(ICMSG_HDR_LEN, DO_FCOPY_SEED_LEN))
+            Ok(seed.host.recv.bytes(ICMSG_HDR_LEN, DO_FCOPY_SEED_LEN))
         }
     }
 
@@ -316,7 +295,7 @@ impl ChannelDriver for SeedFcopy {
             .lock()
             .unwrap_or_else(|e| e.into_inner());
         let mut seed = self.lock();
-        if seed.channel_closed {
+        if seed.host.channel_closed {
             return;
         }
         if seed.active {
@@ -327,8 +306,8 @@ impl ChannelDriver for SeedFcopy {
             debug!("hv_fcopy: channel callback deferred (transaction active or no daemon)");
             return;
         }
-        let (recvlen, requestid) = match seed.channel.recv(RECV_LIMIT) {
-            Ok(Some(packet)) => (seed.recv.fill(&packet.payload), packet.trans_id),
+        let (recvlen, requestid) = match seed.host.channel.recv(RECV_LIMIT) {
+            Ok(Some(packet)) => (seed.host.recv.fill(&packet.payload), packet.trans_id),
             Ok(None) => return,
             Err(RecvError::NoBufs { needed, limit }) => {
                 // 3.x vmbus_recvpacket() sets *buffer_actual_len to the packet's length and
@@ -347,11 +326,11 @@ impl ChannelDriver for SeedFcopy {
         if recvlen == 0 {
             return;
         }
-        if seed.recv.icmsgtype() == msgtype::NEGOTIATE {
+        if seed.host.recv.icmsgtype() == msgtype::NEGOTIATE {
             // The 3.x negotiate has no length checks: it reads the host's version entries
             // from the receive buffer, stale bytes included, so it gets the whole buffer.
             let seed = &mut *seed;
-            let buf = seed.recv.as_mut_slice();
+            let buf = seed.host.recv.as_mut_slice();
             match prep_negotiate_resp_v3(buf, FCOPY_FW_VERSIONS, FCOPY_SRV_VERSIONS) {
                 Some((fw, srv)) => info!("hv_fcopy: FCopy IC version {srv} (framework {fw})"),
                 None => warn!(
@@ -360,27 +339,27 @@ impl ChannelDriver for SeedFcopy {
                 ),
             }
             let _ = set_response_flags(buf);
-            let reply = seed.recv.bytes(0, recvlen);
-            seed.channel.send_inband(requestid, &reply);
+            let reply = seed.host.recv.bytes(0, recvlen);
+            seed.host.channel.send_inband(requestid, &reply);
             return;
         }
         // Anything else is taken for an fcopy request: the seed does not check icmsgtype or
         // any length.
-        if seed.recv.icmsgtype() != msgtype::FCOPY {
+        if seed.host.recv.icmsgtype() != msgtype::FCOPY {
             warn!(
                 "hv_fcopy: host packet with icmsgtype {} handled as an fcopy request (the 2014 \
                  driver does not check)",
-                seed.recv.icmsgtype()
+                seed.host.recv.icmsgtype()
             );
         }
         seed.active = true;
-        seed.recv_len = recvlen;
-        seed.recv_req_id = requestid;
+        seed.host.recv_len = recvlen;
+        seed.host.recv_req_id = requestid;
         // fcopy_send_data(): only a START is converted; everything else is read raw from the
         // receive buffer by fcopy_read().
-        let operation = seed.recv.operation();
+        let operation = seed.host.recv.operation();
         if operation == op::START_FILE_COPY {
-            seed.message = seed.recv.start_for_daemon();
+            seed.message = seed.host.recv.start_for_daemon();
         }
         seed.read_sema += 1;
         self.ws.wake_all();
@@ -411,7 +390,7 @@ impl ChannelDriver for SeedFcopy {
                 .callback_serial
                 .lock()
                 .unwrap_or_else(|e| e.into_inner());
-            self.lock().channel_closed = true;
+            self.lock().host.channel_closed = true;
         }
         self.timer.shutdown();
     }
@@ -643,7 +622,7 @@ mod tests {
         let req = negotiate(&[FW_3_0], &[SRV_1_1]);
         rig.host(5, &req);
         assert!(rig.chan.sent().is_empty());
-        assert!(rig.chan.ring_has_packet());
+        assert!(rig.chan.has_pending());
         let h = rig.open();
         assert!(rig.chan.sent().is_empty());
         // The handshake runs the deferred callback before the write returns.
@@ -703,11 +682,11 @@ mod tests {
         let h = rig.daemon();
         rig.host(1, &op(op::COMPLETE_FCOPY));
         rig.host(2, &negotiate(&[FW_3_0], &[SRV_1_1]));
-        assert!(rig.chan.ring_has_packet());
+        assert!(rig.chan.has_pending());
         rig.read(h).unwrap();
         rig.write_u32(h, 0).unwrap();
         assert_eq!(rig.chan.sent().len(), 1);
-        assert!(rig.chan.ring_has_packet());
+        assert!(rig.chan.has_pending());
         rig.dev.on_channel_callback();
         assert_eq!(rig.chan.sent().len(), 2);
     }
@@ -837,7 +816,7 @@ mod tests {
         assert_eq!(sent[1].trans_id, 0);
         assert_eq!(sent[1].payload.len(), RECV_LIMIT + 8);
         // And the packet is still there.
-        assert!(rig.chan.ring_has_packet());
+        assert!(rig.chan.has_pending());
     }
 
     #[test]

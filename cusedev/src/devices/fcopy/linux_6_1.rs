@@ -32,7 +32,7 @@ use vmbus::fcopy::{op, DO_FCOPY_LEN, FCOPY_HDR_LEN, FCOPY_VERSION_0, FCOPY_VERSI
 use vmbus::ic::{msgtype, set_response_flags, status, ICMSG_HDR_LEN};
 use vmbus::negotiate::{prep_negotiate_resp, FCOPY_FW_VERSIONS, FCOPY_SRV_VERSIONS};
 
-use super::{op_name, RecvBuffer, DEVICE_NAME, RECV_LIMIT};
+use super::{op_name, HostSide, DEVICE_NAME, RECV_LIMIT};
 use crate::bus::channel::{ChannelDriver, HostChannel};
 use crate::device::{Caller, Device, Errno, Handle, PollWaker};
 use crate::devices::delayed_work::DelayedWork;
@@ -63,45 +63,34 @@ pub(crate) struct Service {
     state: State,
     /// `dm_reg_value`: the version the daemon registered with.
     dm_reg_value: Option<u32>,
-    channel: Arc<dyn HostChannel>,
-    recv: RecvBuffer,
-    recv_len: usize,
-    recv_req_id: u64,
+    /// The channel and the host request in hand.
+    host: HostSide,
     timer: Arc<DelayedWork>,
     tasklet: Arc<DelayedWork>,
     timeout: Duration,
-    /// `vmbus_close()` has run (`channel->onchannel_callback == NULL`): replies are dropped
-    /// and the callback no longer runs.
-    channel_closed: bool,
 }
 
 impl Fcopy61 {
     /// `hv_fcopy_init()` on `channel`: state DEVICE_INIT, transport in INIT mode.
     pub fn new(channel: Arc<dyn HostChannel>, timeout: Duration) -> Arc<Fcopy61> {
         Arc::new_cyclic(|me: &Weak<Fcopy61>| {
-            let weak = me.clone();
-            let timer = Arc::new(DelayedWork::new("hv_fcopy-timer", move || {
-                if let Some(me) = weak.upgrade() {
-                    me.timeout_work();
-                }
-            }));
-            let weak = me.clone();
-            let tasklet = Arc::new(DelayedWork::new("hv_fcopy-poll", move || {
-                if let Some(me) = weak.upgrade() {
-                    me.on_channel_callback();
-                }
-            }));
+            let timer = Arc::new(DelayedWork::for_driver(
+                "hv_fcopy-timer",
+                me.clone(),
+                Fcopy61::timeout_work,
+            ));
+            let tasklet = Arc::new(DelayedWork::for_driver(
+                "hv_fcopy-poll",
+                me.clone(),
+                <Fcopy61 as ChannelDriver>::on_channel_callback,
+            ));
             let service = Service {
                 state: State::DeviceInit,
                 dm_reg_value: None,
-                channel,
-                recv: RecvBuffer::new(),
-                recv_len: 0,
-                recv_req_id: 0,
+                host: HostSide::new(channel),
                 timer: timer.clone(),
                 tasklet: tasklet.clone(),
                 timeout,
-                channel_closed: false,
             };
             Fcopy61 {
                 hvt: HvutilTransport::new(service),
@@ -119,7 +108,7 @@ impl Fcopy61 {
         warn!(
             "hv_fcopy: the daemon did not answer {} within {:?}; replying HV_E_FAIL to the host \
              (a queued message stays readable, drivers/hv/hv_fcopy.c 6.1)",
-            op_name(svc.recv.operation()),
+            op_name(svc.host.recv.operation()),
             svc.timeout
         );
         svc.respond_to_host(status::HV_E_FAIL);
@@ -147,19 +136,7 @@ impl Service {
     /// `fcopy_respond_to_host()`: echo the received buffer, `recv_len` bytes, with `status`
     /// and icflags TRANSACTION|RESPONSE, under the host's transaction id.
     fn respond_to_host(&mut self, status: u32) {
-        if self.channel_closed {
-            // "We have raced with util driver being unloaded; silently return."
-            debug!("hv_fcopy: channel closed, reply {status:#x} dropped");
-            return;
-        }
-        let reply = self.recv.reply(self.recv_len, status);
-        debug!(
-            "hv_fcopy: replying {status:#x} ({}) to host request {} ({} bytes)",
-            vmbus::ic::status_meaning(status),
-            self.recv_req_id,
-            reply.len()
-        );
-        self.channel.send_inband(self.recv_req_id, &reply);
+        self.host.respond(status);
     }
 
     /// `fcopy_poll_wrapper()` via `hv_poll_channel()`: "Transaction is finished, reset the
@@ -172,7 +149,7 @@ impl Service {
     /// our reply, so the ring is almost always empty here).
     fn poll_wrapper(&mut self) {
         self.state = State::Ready;
-        if self.channel.has_pending() {
+        if self.host.channel.has_pending() {
             self.tasklet.schedule(Duration::ZERO);
         }
     }
@@ -223,7 +200,7 @@ impl Service {
 
     /// `hv_fcopy_onchannelcallback()`: reads at most one host packet.
     fn channel_callback(&mut self, hvt: &mut Transport<Service>) {
-        if self.channel_closed {
+        if self.host.channel_closed {
             return;
         }
         // A transaction is in flight: leave the packet in the ring; the re-poll after the
@@ -231,7 +208,7 @@ impl Service {
         if self.state > State::Ready {
             return;
         }
-        let packet = match self.channel.recv(RECV_LIMIT) {
+        let packet = match self.host.channel.recv(RECV_LIMIT) {
             Ok(Some(packet)) => packet,
             Ok(None) => return,
             Err(e) => {
@@ -242,7 +219,7 @@ impl Service {
                 return;
             }
         };
-        let recvlen = self.recv.fill(&packet.payload);
+        let recvlen = self.host.recv.fill(&packet.payload);
         let requestid = packet.trans_id;
         if recvlen == 0 {
             return;
@@ -254,9 +231,10 @@ impl Service {
             );
             return;
         }
-        match self.recv.icmsgtype() {
+        match self.host.recv.icmsgtype() {
             msgtype::NEGOTIATE => {
                 let buf = self
+                    .host
                     .recv
                     .as_mut_slice()
                     .get_mut(..recvlen)
@@ -269,7 +247,7 @@ impl Service {
                     ),
                 }
                 let _ = set_response_flags(buf);
-                self.channel.send_inband(requestid, buf);
+                self.host.channel.send_inband(requestid, buf);
             }
             msgtype::FCOPY => {
                 if recvlen < ICMSG_HDR_LEN + FCOPY_HDR_LEN {
@@ -279,13 +257,13 @@ impl Service {
                     );
                     return;
                 }
-                self.recv_len = recvlen;
-                self.recv_req_id = requestid;
+                self.host.recv_len = recvlen;
+                self.host.recv_req_id = requestid;
                 if self.state < State::Ready {
                     // "Userspace is not registered yet"
                     warn!(
                         "hv_fcopy: {} from the host with no daemon registered; replying HV_E_FAIL",
-                        op_name(self.recv.operation())
+                        op_name(self.host.recv.operation())
                     );
                     self.respond_to_host(status::HV_E_FAIL);
                     return;
@@ -314,21 +292,21 @@ impl Service {
     /// behaviour that removes is a kernel race: the 30 s timer firing before the work ran,
     /// after which the work would still set USERSPACE_REQ with no timer left.
     fn send_data(&mut self, hvt: &mut Transport<Service>) {
-        let operation = self.recv.operation();
+        let operation = self.host.recv.operation();
         let message = match operation {
-            op::START_FILE_COPY => self.recv.start_for_daemon(),
+            op::START_FILE_COPY => self.host.recv.start_for_daemon(),
             // Always the full struct: past a short packet the daemon gets stale bytes.
-            op::WRITE_TO_FILE => self.recv.bytes(ICMSG_HDR_LEN, DO_FCOPY_LEN),
+            op::WRITE_TO_FILE => self.host.recv.bytes(ICMSG_HDR_LEN, DO_FCOPY_LEN),
             // recvlen bytes from offset 28: 28 bytes more than the packet holds, the tail
             // being whatever the receive buffer held there (drivers/hv/hv_fcopy.c 6.1).
-            _ => self.recv.bytes(ICMSG_HDR_LEN, self.recv_len),
+            _ => self.host.recv.bytes(ICMSG_HDR_LEN, self.host.recv_len),
         };
         self.state = State::UserspaceReq;
         debug!(
             "hv_fcopy: host request {} (id {}, {} bytes) handed to the daemon as {} bytes",
             op_name(operation),
-            self.recv_req_id,
-            self.recv_len,
+            self.host.recv_req_id,
+            self.host.recv_len,
             message.len()
         );
         if let Err(errno) = hvt.send(&message, None) {
@@ -389,7 +367,7 @@ impl HvutilService for Service {
         if self.timer.cancel() {
             warn!(
                 "hv_fcopy: daemon closed the device with {} pending; replying HV_E_FAIL",
-                op_name(self.recv.operation())
+                op_name(self.host.recv.operation())
             );
             self.respond_to_host(status::HV_E_FAIL);
         }
@@ -461,7 +439,7 @@ impl ChannelDriver for Fcopy61 {
                 .callback_serial
                 .lock()
                 .unwrap_or_else(|e| e.into_inner());
-            self.hvt.lock().svc.channel_closed = true;
+            self.hvt.lock().svc.host.channel_closed = true;
         }
         self.tasklet.shutdown();
         self.timer.shutdown();
@@ -759,9 +737,12 @@ mod tests {
         rig.read(h).unwrap();
         // A host that does not wait: the callback leaves its packet in the ring.
         rig.host(2, &op(op::COMPLETE_FCOPY));
-        assert!(rig.chan.ring_has_packet());
+        assert!(rig.chan.has_pending());
         // The daemon's answer re-polls the channel (tasklet thread): COMPLETE comes through.
         rig.write_u32(h, 0).unwrap();
+        wait_for("the re-poll to take COMPLETE from the ring", || {
+            !rig.chan.has_pending()
+        });
         let msg = rig.read(h).unwrap();
         assert_eq!(msg.len(), 64);
         assert_eq!(rig.chan.sent().len(), 1);
@@ -894,7 +875,7 @@ mod tests {
             vmbus::ic::build_ic_message(msgtype::HEARTBEAT, FW_3_0, FW_3_0, 0, &[0; 40]);
         rig.host(1, &heartbeat);
         assert!(rig.chan.sent().is_empty());
-        assert!(!rig.chan.ring_has_packet());
+        assert!(!rig.chan.has_pending());
         assert_eq!(rig.dev.state(), State::Ready);
     }
 
@@ -907,7 +888,7 @@ mod tests {
         rig.host(2, &negotiate(&[FW_3_0], &[SRV_1_1]));
         rig.dev.on_channel_callback();
         assert!(rig.chan.sent().is_empty());
-        assert!(rig.chan.ring_has_packet());
+        assert!(rig.chan.has_pending());
     }
 
     #[test]

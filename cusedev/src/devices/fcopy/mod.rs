@@ -66,6 +66,51 @@ pub const RECV_LIMIT: usize = 2 * PAGE_SIZE;
 /// fcopy.md §8.3.)
 pub const NAME_OVERFLOW: Overflow = Overflow::Skip;
 
+/// What both fcopy drivers keep of their channel (`fcopy_transaction.recv_channel`,
+/// `recv_len`, `recv_req_id` and the receive buffer): the host request in hand and the way
+/// to answer it. The profiles differ in *when* they answer, not in how.
+pub(crate) struct HostSide {
+    pub(crate) channel: Arc<dyn HostChannel>,
+    pub(crate) recv: RecvBuffer,
+    /// `recvlen` of the request in hand: the length of the reply.
+    pub(crate) recv_len: usize,
+    /// Transaction id of the request in hand, echoed in the reply.
+    pub(crate) recv_req_id: u64,
+    /// `vmbus_close()` has run (`channel->onchannel_callback == NULL`): replies are dropped
+    /// and the callback no longer runs.
+    pub(crate) channel_closed: bool,
+}
+
+impl HostSide {
+    pub(crate) fn new(channel: Arc<dyn HostChannel>) -> HostSide {
+        HostSide {
+            channel,
+            recv: RecvBuffer::new(),
+            recv_len: 0,
+            recv_req_id: 0,
+            channel_closed: false,
+        }
+    }
+
+    /// `fcopy_respond_to_host()`: echo the received buffer, `recv_len` bytes, with `status`
+    /// and icflags TRANSACTION|RESPONSE, under the host's transaction id.
+    pub(crate) fn respond(&mut self, status: u32) {
+        if self.channel_closed {
+            // "We have raced with util driver being unloaded; silently return."
+            log::debug!("hv_fcopy: channel closed, reply {status:#x} dropped");
+            return;
+        }
+        let reply = self.recv.reply(self.recv_len, status);
+        log::debug!(
+            "hv_fcopy: replying {status:#x} ({}) to host request {} ({} bytes)",
+            vmbus::ic::status_meaning(status),
+            self.recv_req_id,
+            reply.len()
+        );
+        self.channel.send_inband(self.recv_req_id, &reply);
+    }
+}
+
 /// The driver's receive buffer, persistent across packets (see the module docs).
 pub(crate) struct RecvBuffer {
     bytes: Box<[u8]>,

@@ -53,12 +53,6 @@ impl TestChannel {
         assert!(self.ring.push(InboundPacket { trans_id, payload }));
     }
 
-    /// Whether a (non-empty) packet is still in the ring, without taking it: a zero-byte
-    /// limit refuses any non-empty packet and leaves it where it is.
-    pub(crate) fn ring_has_packet(&self) -> bool {
-        self.ring.recv(0).is_err()
-    }
-
     pub(crate) fn sent(&self) -> Vec<Sent> {
         self.sent.lock().unwrap().clone()
     }
@@ -84,6 +78,10 @@ impl TestChannel {
 impl HostChannel for TestChannel {
     fn recv(&self, buf_limit: usize) -> Result<Option<InboundPacket>, RecvError> {
         self.ring.recv(buf_limit)
+    }
+
+    fn has_pending(&self) -> bool {
+        self.ring.has_pending()
     }
 
     fn send_inband(&self, trans_id: u64, payload: &[u8]) {
