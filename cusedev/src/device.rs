@@ -85,12 +85,64 @@ impl std::fmt::Debug for PollWaker {
     }
 }
 
+/// One buffer in the caller's address space that an ioctl argument names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UserBuffer {
+    pub addr: u64,
+    pub len: u64,
+}
+
+/// An `ioctl(2)` as it reaches the driver.
+///
+/// A kernel driver gets `cmd` and `arg` and calls `copy_from_user`/`copy_to_user` on whatever
+/// `arg` points to. A userspace driver cannot reach the caller's memory by itself, so the
+/// frontend fetches it:
+/// - restricted ioctl (FUSE mounts): the kernel has already fetched `_IOC_SIZE(cmd)` bytes at
+///   `arg` for `_IOC_WRITE` commands (`input`) and takes up to `out_size` bytes back to `arg`
+///   for `_IOC_READ` commands;
+/// - unrestricted ioctl (CUSE, `unrestricted == true`): the first call arrives with no input and
+///   `out_size == 0`; the driver answers [`IoctlOutcome::Retry`] naming the buffers it would
+///   `copy_from_user`/`copy_to_user`, and is called again with their contents. A struct that
+///   carries pointers takes one more round: first the struct, then the buffers it names.
+#[derive(Debug, Clone, Copy)]
+pub struct IoctlCall<'a> {
+    pub cmd: u32,
+    pub arg: u64,
+    /// The caller memory fetched for this call, concatenated in the order it was asked for.
+    pub input: &'a [u8],
+    /// How many bytes the answer may carry back (restricted: to `arg`; unrestricted: spread
+    /// over the output buffers of the last retry, in order).
+    pub out_size: u32,
+    /// Whether the driver may ask for any caller buffers with [`IoctlOutcome::Retry`].
+    pub unrestricted: bool,
+}
+
 /// The answer to an ioctl: the return value of the syscall and bytes to copy back to the
-/// caller's `arg` buffer (restricted ioctl: at most the size encoded in `cmd`).
+/// caller (restricted: at most the size encoded in `cmd`; unrestricted: at most `out_size`).
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct IoctlReply {
     pub result: i32,
     pub out: Vec<u8>,
+}
+
+/// What a driver's ioctl asks the frontend to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IoctlOutcome {
+    /// The syscall completes.
+    Done(IoctlReply),
+    /// Unrestricted ioctl only: fetch `input` from the caller, make room for `output`, and call
+    /// again (FUSE_IOCTL_RETRY). A fault on any of them fails the syscall with EFAULT in the
+    /// kernel, before the driver sees the retry, as `copy_from_user` would.
+    Retry {
+        input: Vec<UserBuffer>,
+        output: Vec<UserBuffer>,
+    },
+}
+
+impl From<IoctlReply> for IoctlOutcome {
+    fn from(reply: IoctlReply) -> IoctlOutcome {
+        IoctlOutcome::Done(reply)
+    }
 }
 
 /// One kernel character-device driver, as its `file_operations` table.
@@ -134,17 +186,14 @@ pub trait Device: Send + Sync {
         Err(Errno::EINVAL)
     }
 
-    /// `ioctl(2)` with the bytes the frontend could fetch from `arg` (restricted FUSE ioctl:
-    /// `_IOC_SIZE(cmd)` bytes for `_IOC_WRITE` commands). No `.unlocked_ioctl`: ENOTTY.
+    /// `ioctl(2)`: see [`IoctlCall`] for how the argument's memory arrives. No
+    /// `.unlocked_ioctl`: ENOTTY.
     fn ioctl(
         &self,
         _handle: Handle,
-        _cmd: u32,
-        _arg: u64,
-        _input: &[u8],
-        _out_size: u32,
+        _call: &IoctlCall<'_>,
         _caller: &Caller,
-    ) -> Result<IoctlReply, Errno> {
+    ) -> Result<IoctlOutcome, Errno> {
         Err(Errno::ENOTTY)
     }
 

@@ -5,8 +5,10 @@
 //! here, CUSE where the kernel has it) and talking to its host over the [`bus`].
 
 pub mod bus;
+pub mod cuse;
 pub mod device;
 pub mod devices;
+pub mod frontend;
 pub mod fuse;
 pub mod profile;
 pub mod wait;

@@ -5,14 +5,13 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::thread;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand};
 use log::{error, info};
 use nix::sys::signal::{SigSet, Signal};
 use vmbus::address::BusAddress;
 
-use cusedev::bus::client::{BusClient, DeviceRegistry};
-use cusedev::device::Device;
-use cusedev::fuse::FuseFrontend;
+use cusedev::bus::client::BusClient;
+use cusedev::frontend::{Frontend, FrontendChoice};
 use cusedev::profile::KernelProfile;
 
 const ABOUT: &str = "Serve Linux misc character devices (/dev/vmbus/hv_fcopy, ...) from \
@@ -50,14 +49,16 @@ enum Command {
     /// Connect to the host and serve every device it offers until stopped (SIGINT/SIGTERM).
     #[command(
         long_about = SERVE_LONG_ABOUT,
-        after_help = "Example:\n  cusedev serve --host unix:/run/cusedev/bus.sock --frontend fuse"
+        after_help = "Examples:\n  cusedev serve --host unix:/run/cusedev/bus.sock --frontend fuse\n  \
+                      cusedev serve --host vsock:2:5000 --frontend cuse     (in a QEMU guest)"
     )]
     Serve(ServeArgs),
 }
 
 #[derive(clap::Args)]
 struct ServeArgs {
-    /// Where the host listens: unix:PATH (vsock:CID:PORT comes with the vhost backend).
+    /// Where the host listens: unix:PATH on one machine, vsock:2:PORT from a QEMU guest (the
+    /// host's vhost backend hands the stream to fakehost; its --bus-port, default 5000).
     #[arg(long, default_value = "unix:/run/cusedev/bus.sock")]
     host: BusAddress,
     /// How device nodes are made: cuse (real character devices), fuse (a FUSE mount over the
@@ -67,31 +68,11 @@ struct ServeArgs {
     /// Which kernel's driver behaviour to reproduce (see above).
     #[arg(long, value_enum, default_value_t = KernelProfile::Linux6_1)]
     kernel: KernelProfile,
-    /// The directory device names are relative to.
+    /// The directory device names are relative to. FUSE mounts its directories here; CUSE
+    /// devices appear in /dev through devtmpfs, and cusedev also makes their nodes here
+    /// when they are missing (no devtmpfs, or another directory).
     #[arg(long, default_value = "/dev")]
     dev_root: PathBuf,
-}
-
-#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum FrontendChoice {
-    Auto,
-    Cuse,
-    Fuse,
-}
-
-/// The FUSE frontend as the bus sees it.
-struct FuseRegistry(FuseFrontend);
-
-impl DeviceRegistry for FuseRegistry {
-    fn add_device(&self, device: Arc<dyn Device>) -> Result<(), String> {
-        self.0.add_device(device).map_err(|e| e.to_string())
-    }
-
-    fn remove_device(&self, name: &str) {
-        if let Err(e) = self.0.remove_device(name) {
-            error!("removing /dev/{name}: {e}");
-        }
-    }
 }
 
 fn main() -> ExitCode {
@@ -101,23 +82,6 @@ fn main() -> ExitCode {
 }
 
 fn serve(args: ServeArgs) -> ExitCode {
-    match args.frontend {
-        FrontendChoice::Cuse => {
-            error!("the CUSE frontend is not available in this build yet; use --frontend fuse");
-            return ExitCode::from(2);
-        }
-        FrontendChoice::Auto => info!(
-            "frontend: FUSE mount under {} (auto: this build serves CUSE devices not yet{})",
-            args.dev_root.display(),
-            if std::path::Path::new("/dev/cuse").exists() {
-                ""
-            } else {
-                ", and there is no /dev/cuse"
-            }
-        ),
-        FrontendChoice::Fuse => info!("frontend: FUSE mount under {}", args.dev_root.display()),
-    }
-
     // Signals are taken by one thread with sigwait(); block them before any thread starts so
     // every thread inherits the mask.
     let mut stop_signals = SigSet::empty();
@@ -129,7 +93,13 @@ fn serve(args: ServeArgs) -> ExitCode {
         return ExitCode::FAILURE;
     }
 
-    let registry = Arc::new(FuseRegistry(FuseFrontend::new(&args.dev_root)));
+    let registry = match Frontend::choose(args.frontend, &args.dev_root) {
+        Ok(frontend) => Arc::new(frontend),
+        Err(why) => {
+            error!("no frontend can run: {why}");
+            return ExitCode::from(2);
+        }
+    };
     let client = BusClient::new(args.host, args.kernel, registry.clone());
     let (done_tx, done_rx) = std::sync::mpsc::channel::<ExitCode>();
     let bus_done = done_tx.clone();
@@ -150,6 +120,6 @@ fn serve(args: ServeArgs) -> ExitCode {
         let _ = done_tx.send(ExitCode::SUCCESS);
     });
     let code = done_rx.recv().unwrap_or(ExitCode::FAILURE);
-    registry.0.shutdown();
+    registry.shutdown();
     code
 }

@@ -56,7 +56,8 @@ enum Command {
     #[command(after_help = "Example:\n  \
         fakehost serve --listen unix:/run/cusedev/bus.sock --offer fcopy --step-timeout 30")]
     Serve {
-        /// Bus address to listen on: unix:/path (vsock:CID:PORT comes with the vhost backend)
+        /// Bus address to listen on: unix:/path (a QEMU guest reaches it through the vhost
+        /// backend, `vhost --host unix:/path`)
         #[arg(
             long,
             default_value = "unix:/run/cusedev/bus.sock",

@@ -39,10 +39,12 @@ pub struct HostConfig {
 /// Why the host could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
-    /// vsock needs the vhost backend, which does not exist yet.
+    /// The host side of a vsock bus is the vhost backend: it terminates the guest's
+    /// virtio-vsock device and connects each stream to our Unix listener.
     #[error(
-        "cannot listen on {0}: vsock bus addresses are not supported yet (they come with the \
-         vhost backend); use a unix: address"
+        "cannot listen on {0}: fakehost listens on unix: addresses only. For a QEMU guest, \
+         listen on unix:PATH and run `vhost --host unix:PATH ...`, which hands every guest \
+         stream to port 5000 of the host (CID 2) to that socket"
     )]
     VsockUnsupported(String),
     /// Both sockets on one path.

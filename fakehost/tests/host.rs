@@ -806,7 +806,7 @@ fn copy_request_without_descriptor_is_refused() {
 }
 
 #[test]
-fn second_host_on_the_same_socket_is_refused_and_vsock_is_not_supported() {
+fn second_host_on_the_same_socket_is_refused_and_vsock_points_to_the_vhost_backend() {
     let fx = Fixture::start("twice", Duration::from_secs(20));
     let err = RunningHost::start(&HostConfig {
         listen: BusAddress::Unix(fx.bus.clone()),
@@ -829,7 +829,7 @@ fn second_host_on_the_same_socket_is_refused_and_vsock_is_not_supported() {
     })
     .err()
     .expect("vsock host started");
-    assert!(err.to_string().contains("not supported yet"), "{err}");
+    assert!(err.to_string().contains("vhost --host unix:"), "{err}");
 }
 
 #[test]

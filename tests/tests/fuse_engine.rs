@@ -21,7 +21,9 @@ use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::thread;
 use std::time::Duration;
 
-use cusedev::device::{poll_bits, Caller, Device, Errno, Handle, IoctlReply, PollWaker};
+use cusedev::device::{
+    poll_bits, Caller, Device, Errno, Handle, IoctlCall, IoctlOutcome, IoctlReply, PollWaker,
+};
 use cusedev::fuse::{FrontendError, FuseFrontend};
 use cusedev::wait::WaitState;
 use cusedev_tests::{current_tid, enter_private_mount_namespace, wait_until_sleeping_in_syscall};
@@ -156,20 +158,18 @@ impl Device for Echo {
     fn ioctl(
         &self,
         _handle: Handle,
-        cmd: u32,
-        _arg: u64,
-        input: &[u8],
-        out_size: u32,
+        call: &IoctlCall<'_>,
         _caller: &Caller,
-    ) -> Result<IoctlReply, Errno> {
-        if cmd != ECHO_REVERSE {
+    ) -> Result<IoctlOutcome, Errno> {
+        if call.cmd != ECHO_REVERSE {
             return Err(Errno::ENOTTY);
         }
-        assert_eq!(out_size, 8);
+        assert_eq!(call.out_size, 8);
         Ok(IoctlReply {
             result: 42,
-            out: input.iter().rev().copied().collect(),
-        })
+            out: call.input.iter().rev().copied().collect(),
+        }
+        .into())
     }
 }
 

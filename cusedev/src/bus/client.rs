@@ -12,7 +12,6 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
@@ -21,6 +20,8 @@ use std::time::Duration;
 
 use log::{debug, error, info, warn};
 use vmbus::address::BusAddress;
+
+use super::socket::BusStream;
 use vmbus::channel_msg::ChannelMessage;
 use vmbus::guid::Guid;
 use vmbus::stream::{kind, Hello, Role};
@@ -60,8 +61,6 @@ pub enum BusError {
     Connect { addr: BusAddress, source: io::Error },
     #[error("the host at {addr} refused every VMBus version we offered")]
     NoVersion { addr: BusAddress },
-    #[error("{0} addresses are not supported by this build (vsock comes with the vhost backend)")]
-    Unsupported(BusAddress),
     #[error("control stream: {0}")]
     Frame(#[from] FrameError),
     #[error("host sent {0} where the protocol does not allow it")]
@@ -80,7 +79,7 @@ struct BoundChannel {
     driver: Arc<dyn ChannelDriver>,
     device_name: String,
     ring: Arc<InboundRing>,
-    stream: UnixStream,
+    stream: BusStream,
 }
 
 /// State shared by the control loop and the threads that open and tear down channels.
@@ -88,7 +87,7 @@ struct Session {
     addr: BusAddress,
     profile: KernelProfile,
     registry: Arc<dyn DeviceRegistry>,
-    control: Mutex<UnixStream>,
+    control: Mutex<BusStream>,
     pending_opens: Mutex<HashMap<u32, mpsc::Sender<u32>>>,
     channels: Mutex<HashMap<u32, BoundChannel>>,
     next_open_id: AtomicU32,
@@ -158,12 +157,8 @@ impl BusClient {
         }
     }
 
-    fn connect(&self) -> Result<UnixStream, BusError> {
-        let path = match &self.addr {
-            BusAddress::Unix(path) => path,
-            other => return Err(BusError::Unsupported(other.clone())),
-        };
-        let mut stream = UnixStream::connect(path).map_err(|source| BusError::Connect {
+    fn connect(&self) -> Result<BusStream, BusError> {
+        let mut stream = BusStream::connect(&self.addr).map_err(|source| BusError::Connect {
             addr: self.addr.clone(),
             source,
         })?;
@@ -188,7 +183,7 @@ impl Session {
         write_frame(&mut *control, kind::CONTROL, &message.encode())
     }
 
-    fn run(self: &Arc<Self>, mut stream: UnixStream) -> Result<(), BusError> {
+    fn run(self: &Arc<Self>, mut stream: BusStream) -> Result<(), BusError> {
         self.negotiate_version(&mut stream)?;
         self.send_control(&ChannelMessage::RequestOffers)
             .map_err(FrameError::from)?;
@@ -231,7 +226,7 @@ impl Session {
         }
     }
 
-    fn negotiate_version(&self, stream: &mut UnixStream) -> Result<(), BusError> {
+    fn negotiate_version(&self, stream: &mut BusStream) -> Result<(), BusError> {
         for version in VMBUS_VERSIONS {
             self.send_control(&ChannelMessage::InitiateContact { version })
                 .map_err(FrameError::from)?;
@@ -307,11 +302,7 @@ impl Session {
             ));
         }
 
-        let path = match &self.addr {
-            BusAddress::Unix(path) => path.clone(),
-            other => return Err(format!("{other}: unsupported address")),
-        };
-        let mut stream = UnixStream::connect(&path)
+        let mut stream = BusStream::connect(&self.addr)
             .map_err(|e| format!("connecting the channel stream: {e}"))?;
         let hello = Hello {
             role: Role::Channel,
@@ -430,7 +421,7 @@ fn teardown(bound: BoundChannel, registry: &dyn DeviceRegistry) {
     let _ = bound.stream.shutdown(std::net::Shutdown::Both);
 }
 
-fn read_control(stream: &mut UnixStream) -> Result<Option<ChannelMessage>, BusError> {
+fn read_control(stream: &mut BusStream) -> Result<Option<ChannelMessage>, BusError> {
     match read_frame(stream)? {
         None => Ok(None),
         Some((kind::CONTROL, body)) => Ok(Some(
@@ -445,7 +436,7 @@ fn read_control(stream: &mut UnixStream) -> Result<Option<ChannelMessage>, BusEr
 /// Moves packets from a channel stream into the driver's ring and runs its callback, until
 /// the stream ends (`Ok`) or breaks (`Err`).
 fn pump_channel(
-    mut stream: UnixStream,
+    mut stream: BusStream,
     ring: Arc<InboundRing>,
     driver: Arc<dyn ChannelDriver>,
     child_relid: u32,
@@ -482,7 +473,7 @@ fn pump_channel(
 /// A channel whose ring is fed from a stream and whose sends go back on it.
 struct StreamChannel {
     ring: Arc<InboundRing>,
-    writer: Mutex<UnixStream>,
+    writer: Mutex<BusStream>,
     child_relid: u32,
 }
 

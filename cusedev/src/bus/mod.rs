@@ -4,3 +4,4 @@
 pub mod channel;
 pub mod client;
 pub mod frame_io;
+pub mod socket;

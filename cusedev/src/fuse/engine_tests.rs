@@ -24,7 +24,9 @@ use zerocopy::IntoBytes;
 use super::abi::*;
 use super::init::fuse_init_reply;
 use super::session::{Reply, Request, RequestHandler, Session};
-use crate::device::{poll_bits, Caller, Device, Handle, PollWaker};
+use crate::device::{
+    poll_bits, Caller, Device, Handle, IoctlCall, IoctlOutcome, IoctlReply, PollWaker, UserBuffer,
+};
 use crate::wait::WaitState;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -122,7 +124,7 @@ impl Device for Pipe {
 }
 
 /// A personality with one device and no nodes.
-struct OneDevice(Arc<Pipe>);
+struct OneDevice(Arc<dyn Device>);
 
 impl RequestHandler for OneDevice {
     fn init(&self, req: &Request<'_>, minor: u32) -> Reply {
@@ -160,6 +162,15 @@ const LIMIT: Duration = Duration::from_secs(30);
 
 impl FakeKernel {
     fn start() -> FakeKernel {
+        FakeKernel::start_serving(None)
+    }
+
+    /// A fake kernel whose node 0 is `device` instead of the pipe.
+    fn start_with(device: Arc<dyn Device>) -> FakeKernel {
+        FakeKernel::start_serving(Some(device))
+    }
+
+    fn start_serving(device: Option<Arc<dyn Device>>) -> FakeKernel {
         let (kernel_end, server_end) = socketpair(
             AddressFamily::Unix,
             SockType::SeqPacket,
@@ -172,8 +183,8 @@ impl FakeKernel {
             state: WaitState::new(PipeState::default()),
             events: Mutex::new(tx),
         });
-        let session =
-            Session::start(server_end, Arc::new(OneDevice(pipe.clone())), "fake").unwrap();
+        let device = device.unwrap_or_else(|| pipe.clone());
+        let session = Session::start(server_end, Arc::new(OneDevice(device)), "fake").unwrap();
         FakeKernel {
             sock: kernel_end,
             session,
@@ -537,4 +548,176 @@ fn a_panicking_device_gets_eio_and_the_session_goes_on() {
     kernel.expect_ok(5);
     kernel.read_request(6, fh, 8);
     assert_eq!(kernel.expect_ok(6), b"ok");
+}
+
+/// A driver whose ioctl answers are scripted; it records what every call brought.
+struct ScriptedIoctl {
+    answers: Mutex<VecDeque<IoctlOutcome>>,
+    seen: Mutex<Vec<(Vec<u8>, u32, bool)>>,
+}
+
+impl ScriptedIoctl {
+    fn new(answers: Vec<IoctlOutcome>) -> Arc<ScriptedIoctl> {
+        Arc::new(ScriptedIoctl {
+            answers: Mutex::new(answers.into()),
+            seen: Mutex::new(Vec::new()),
+        })
+    }
+}
+
+impl Device for ScriptedIoctl {
+    fn name(&self) -> &str {
+        "test/ioctl"
+    }
+
+    fn open(&self, _caller: &Caller, _flags: i32) -> Result<Handle, Errno> {
+        Ok(1)
+    }
+
+    fn ioctl(
+        &self,
+        _handle: Handle,
+        call: &IoctlCall<'_>,
+        _caller: &Caller,
+    ) -> Result<IoctlOutcome, Errno> {
+        self.seen
+            .lock()
+            .unwrap()
+            .push((call.input.to_vec(), call.out_size, call.unrestricted));
+        self.answers
+            .lock()
+            .unwrap()
+            .pop_front()
+            .ok_or(Errno::ENOTTY)
+    }
+}
+
+const SOME_IOCTL: u32 = 0xc010_7001;
+
+fn ioctl_request(
+    kernel: &FakeKernel,
+    unique: u64,
+    fh: u64,
+    flags: u32,
+    input: &[u8],
+    out_size: u32,
+) {
+    let ioctl_in = IoctlIn {
+        fh,
+        flags,
+        cmd: SOME_IOCTL,
+        arg: 0x7ffd_1000,
+        in_size: input.len() as u32,
+        out_size,
+    };
+    let mut body = ioctl_in.as_bytes().to_vec();
+    body.extend_from_slice(input);
+    kernel.send(Opcode::IOCTL, unique, 0, &body);
+}
+
+fn iovecs(bytes: &[u8]) -> Vec<(u64, u64)> {
+    bytes
+        .chunks(16)
+        .map(|c| {
+            let (iov, _) = parse::<IoctlIovec>(c).unwrap();
+            (iov.base, iov.len)
+        })
+        .collect()
+}
+
+/// The rounds of a pointer-carrying ioctl under CUSE: the struct first, then the buffer it
+/// names. Each retry reply lists input iovecs then output iovecs; each retried request's data
+/// reaches the driver; the final data goes back after the fuse_ioctl_out.
+#[test]
+fn unrestricted_ioctl_retries_reach_the_driver_and_the_kernel_in_order() {
+    let header = UserBuffer {
+        addr: 0x7ffd_1000,
+        len: 16,
+    };
+    let buffer = UserBuffer {
+        addr: 0x5000,
+        len: 5,
+    };
+    let driver = ScriptedIoctl::new(vec![
+        IoctlOutcome::Retry {
+            input: vec![header],
+            output: vec![],
+        },
+        IoctlOutcome::Retry {
+            input: vec![header, buffer],
+            output: vec![buffer],
+        },
+        IoctlReply {
+            result: 5,
+            out: b"olleh".to_vec(),
+        }
+        .into(),
+    ]);
+    let kernel = FakeKernel::start_with(driver.clone());
+    kernel.init();
+    let fh = kernel.open(2);
+    let unrestricted = ioctl_flags::UNRESTRICTED;
+
+    ioctl_request(&kernel, 3, fh, unrestricted, &[], 0);
+    let body = kernel.expect_ok(3);
+    let (out, rest) = parse::<IoctlOut>(&body).unwrap();
+    assert_eq!(
+        (out.flags, out.in_iovs, out.out_iovs),
+        (ioctl_flags::RETRY, 1, 0)
+    );
+    assert_eq!(iovecs(rest), vec![(0x7ffd_1000, 16)]);
+
+    let struct_bytes = [7u8; 16];
+    ioctl_request(&kernel, 4, fh, unrestricted, &struct_bytes, 0);
+    let body = kernel.expect_ok(4);
+    let (out, rest) = parse::<IoctlOut>(&body).unwrap();
+    assert_eq!(
+        (out.flags, out.in_iovs, out.out_iovs),
+        (ioctl_flags::RETRY, 2, 1)
+    );
+    assert_eq!(
+        iovecs(rest),
+        vec![(0x7ffd_1000, 16), (0x5000, 5), (0x5000, 5)]
+    );
+
+    let mut everything = struct_bytes.to_vec();
+    everything.extend_from_slice(b"hello");
+    ioctl_request(&kernel, 5, fh, unrestricted, &everything, 5);
+    let body = kernel.expect_ok(5);
+    let (out, data) = parse::<IoctlOut>(&body).unwrap();
+    assert_eq!((out.result, out.flags), (5, 0));
+    assert_eq!(data, b"olleh");
+
+    let seen = driver.seen.lock().unwrap();
+    assert_eq!(
+        *seen,
+        vec![
+            (vec![], 0, true),
+            (struct_bytes.to_vec(), 0, true),
+            (everything, 5, true)
+        ]
+    );
+}
+
+#[test]
+fn a_retry_on_a_restricted_ioctl_is_eio() {
+    let retry = || IoctlOutcome::Retry {
+        input: vec![UserBuffer {
+            addr: 0x7ffd_1000,
+            len: 8,
+        }],
+        output: vec![],
+    };
+    let kernel = FakeKernel::start_with(ScriptedIoctl::new(vec![retry(), retry()]));
+    kernel.init();
+    let fh = kernel.open(2);
+    ioctl_request(&kernel, 3, fh, 0, &[], 0);
+    kernel.expect_error(3, Errno::EIO);
+    // The same answer under CUSE is a retry.
+    ioctl_request(&kernel, 4, fh, ioctl_flags::UNRESTRICTED, &[], 0);
+    let body = kernel.expect_ok(4);
+    assert_eq!(
+        parse::<IoctlOut>(&body).unwrap().0.flags,
+        ioctl_flags::RETRY
+    );
 }

@@ -20,6 +20,7 @@ mod engine_tests;
 pub mod error;
 pub mod frontend;
 pub mod init;
+pub mod ioctl;
 pub mod mount;
 mod pool;
 pub mod session;

@@ -39,11 +39,12 @@ use nix::poll::{PollFd, PollFlags, PollTimeout};
 use zerocopy::{Immutable, IntoBytes};
 
 use super::abi::{
-    fopen, ioctl_flags, parse, FlushIn, InHeader, InterruptIn, IoctlIn, IoctlOut, Opcode, OpenIn,
-    OpenOut, PollIn, PollOut, ReadIn, ReleaseIn, WriteIn, WriteOut, FUSE_POLL_SCHEDULE_NOTIFY,
+    fopen, ioctl_flags, parse, FlushIn, InHeader, InterruptIn, IoctlIn, Opcode, OpenIn, OpenOut,
+    PollIn, PollOut, ReadIn, ReleaseIn, WriteIn, WriteOut, FUSE_POLL_SCHEDULE_NOTIFY,
 };
 use super::channel::Channel;
 use super::init::{negotiate, REQUEST_BUFFER_SIZE};
+use super::ioctl;
 use super::pool::Pool;
 use crate::device::{Caller, Device, Handle, PollNotify, PollWaker};
 use crate::wait::Interrupt;
@@ -95,6 +96,11 @@ pub trait RequestHandler: Send + Sync + 'static {
     /// major version; `minor` is the protocol minor both sides speak. The reply body is the
     /// `fuse_init_out` / `cuse_init_out` (+ device info) for that minor.
     fn init(&self, req: &Request<'_>, minor: u32) -> Reply;
+
+    /// Called once the INIT answer has been written to the kernel; `accepted` is false when it
+    /// was an error or the kernel refused to take it. For CUSE the kernel registers the
+    /// character device while taking the answer, so the node exists once this is called.
+    fn init_sent(&self, _accepted: bool) {}
 
     /// The device that an OPEN of `nodeid` opens (FUSE: a file in the directory; CUSE: the one
     /// device, nodeid 0). The error is what open(2) returns.
@@ -400,7 +406,9 @@ fn dispatch(shared: &Arc<Shared>, pool: &Pool, message: &[u8]) -> Flow {
                 }
                 Err(errno) => Reply::Error(errno),
             };
-            shared.send(unique, opcode, reply);
+            let answered = matches!(reply, Reply::Data(_));
+            let delivered = shared.send(unique, opcode, reply);
+            shared.handler.init_sent(answered && delivered);
         }
         Opcode::DESTROY => {
             log::info!(
@@ -754,43 +762,28 @@ fn run_pool_op(shared: &Shared, file: &OpenFile, op: PoolOp, caller: &Caller) ->
             if ioctl_in.flags & ioctl_flags::DIR != 0 {
                 return Reply::Error(Errno::ENOTTY);
             }
-            // Restricted ioctl (FUSE mounts): the kernel already fetched _IOC_SIZE(cmd) input
-            // bytes for _IOC_WRITE commands and takes up to out_size bytes back for _IOC_READ.
-            // An unrestricted CUSE ioctl arrives with in_size = out_size = 0 and would need a
-            // FUSE_IOCTL_RETRY reply naming the caller's buffers; the CUSE frontend adds that.
-            let result = device.ioctl(
-                file.handle,
-                ioctl_in.cmd,
-                ioctl_in.arg,
-                &input,
-                ioctl_in.out_size,
-                caller,
-            );
-            match result {
-                Ok(mut reply) => {
-                    if reply.out.len() > ioctl_in.out_size as usize {
-                        log::warn!(
-                            "{}: device {} returned {} bytes for ioctl {:#x} with room for {}; truncated",
-                            shared.label,
-                            device.name(),
-                            reply.out.len(),
-                            ioctl_in.cmd,
-                            ioctl_in.out_size
-                        );
-                        reply.out.truncate(ioctl_in.out_size as usize);
-                    }
-                    let out = IoctlOut {
-                        result: reply.result,
-                        flags: 0,
-                        in_iovs: 0,
-                        out_iovs: 0,
-                    };
-                    let mut body = out.as_bytes().to_vec();
-                    body.extend_from_slice(&reply.out);
-                    Reply::Data(body)
-                }
-                Err(errno) => Reply::Error(errno),
-            }
+            let outcome = match device.ioctl(file.handle, &ioctl::call(&ioctl_in, &input), caller) {
+                Ok(outcome) => outcome,
+                Err(errno) => return Reply::Error(errno),
+            };
+            let truncated = |len| {
+                log::warn!(
+                    "{}: device {} returned {len} bytes for ioctl {:#x} with room for {}; truncated",
+                    shared.label,
+                    device.name(),
+                    ioctl_in.cmd,
+                    ioctl_in.out_size
+                );
+            };
+            ioctl::reply(&ioctl_in, outcome, truncated).unwrap_or_else(|err| {
+                log::error!(
+                    "{}: device {}, ioctl {:#x}: {err}; the caller gets EIO",
+                    shared.label,
+                    device.name(),
+                    ioctl_in.cmd
+                );
+                Reply::Error(Errno::EIO)
+            })
         }
     }
 }

@@ -44,7 +44,7 @@ use vmbus::utf16::Overflow;
 use zerocopy::IntoBytes;
 
 use crate::bus::channel::{ChannelDriver, HostChannel};
-use crate::device::{Caller, Device, Errno, Handle, IoctlReply, PollWaker};
+use crate::device::{Caller, Device, Errno, Handle, IoctlCall, IoctlOutcome, PollWaker};
 use crate::profile::KernelProfile;
 
 /// The misc device name: `/dev/vmbus/hv_fcopy` (both eras).
@@ -322,14 +322,10 @@ impl Device for HvFcopy {
     fn ioctl(
         &self,
         handle: Handle,
-        cmd: u32,
-        arg: u64,
-        input: &[u8],
-        out_size: u32,
+        call: &IoctlCall<'_>,
         caller: &Caller,
-    ) -> Result<IoctlReply, Errno> {
-        self.device()
-            .ioctl(handle, cmd, arg, input, out_size, caller)
+    ) -> Result<IoctlOutcome, Errno> {
+        self.device().ioctl(handle, call, caller)
     }
 
     fn poll(&self, handle: Handle, waker: Option<PollWaker>) -> u32 {
@@ -356,6 +352,16 @@ mod tests {
     use super::testing::*;
     use super::*;
     use crate::device::poll_bits;
+
+    fn no_arg_ioctl() -> IoctlCall<'static> {
+        IoctlCall {
+            cmd: 0,
+            arg: 0,
+            input: &[],
+            out_size: 0,
+            unrestricted: true,
+        }
+    }
 
     #[test]
     fn device_is_vmbus_hv_fcopy_mode_0600_in_both_profiles() {
@@ -384,11 +390,14 @@ mod tests {
         let seed = HvFcopy::new(KernelProfile::Linux3_14, TestChannel::new());
         let h = seed.open(&caller(), libc::O_RDWR).unwrap();
         assert_eq!(seed.poll(h, None), poll_bits::DEFAULT_POLLMASK);
-        assert_eq!(seed.ioctl(h, 0, 0, &[], 0, &caller()), Err(Errno::ENOTTY));
+        assert_eq!(
+            seed.ioctl(h, &no_arg_ioctl(), &caller()),
+            Err(Errno::ENOTTY)
+        );
         let new = HvFcopy::new(KernelProfile::Linux6_1, TestChannel::new());
         let h = new.open(&caller(), libc::O_RDWR).unwrap();
         assert_eq!(new.poll(h, None), 0);
-        assert_eq!(new.ioctl(h, 0, 0, &[], 0, &caller()), Err(Errno::ENOTTY));
+        assert_eq!(new.ioctl(h, &no_arg_ioctl(), &caller()), Err(Errno::ENOTTY));
     }
 
     #[test]

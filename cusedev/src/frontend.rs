@@ -1,0 +1,100 @@
+//! Choosing how device nodes are made, and the bus's view of the chosen frontend.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use crate::bus::client::DeviceRegistry;
+use crate::cuse::CuseFrontend;
+use crate::device::Device;
+use crate::fuse::FuseFrontend;
+
+/// What the user asked for with `--frontend`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum FrontendChoice {
+    /// CUSE when this kernel has it (loading the module if needed), else a FUSE mount.
+    Auto,
+    /// Real character devices through /dev/cuse.
+    Cuse,
+    /// Files in a FUSE mount over the device's directory.
+    Fuse,
+}
+
+/// The frontend that runs.
+pub enum Frontend {
+    Cuse(CuseFrontend),
+    Fuse(FuseFrontend),
+}
+
+impl Frontend {
+    /// Picks and checks the frontend, saying in the log which one runs and why. The error is
+    /// the reason no frontend can run.
+    pub fn choose(choice: FrontendChoice, dev_root: &Path) -> Result<Frontend, String> {
+        let fuse = || -> Result<Frontend, String> {
+            FuseFrontend::probe().map_err(|err| err.to_string())?;
+            Ok(Frontend::Fuse(FuseFrontend::new(dev_root)))
+        };
+        match choice {
+            FrontendChoice::Cuse => {
+                CuseFrontend::probe()?;
+                log::info!(
+                    "frontend: CUSE (character devices in {})",
+                    dev_root.display()
+                );
+                Ok(Frontend::Cuse(CuseFrontend::new(dev_root)))
+            }
+            FrontendChoice::Fuse => {
+                let frontend = fuse()?;
+                log::info!(
+                    "frontend: FUSE mount under {} (as asked)",
+                    dev_root.display()
+                );
+                Ok(frontend)
+            }
+            FrontendChoice::Auto => match CuseFrontend::probe() {
+                Ok(()) => {
+                    log::info!(
+                        "frontend: CUSE (auto: /dev/cuse works; character devices in {})",
+                        dev_root.display()
+                    );
+                    Ok(Frontend::Cuse(CuseFrontend::new(dev_root)))
+                }
+                Err(why_not) => {
+                    let frontend = fuse()?;
+                    log::info!(
+                        "frontend: FUSE mount under {} (auto: no CUSE here: {why_not}; stat() \
+                         shows regular files instead of character devices)",
+                        dev_root.display()
+                    );
+                    Ok(frontend)
+                }
+            },
+        }
+    }
+
+    /// Unregisters every device (CUSE) or unmounts every directory (FUSE).
+    pub fn shutdown(&self) {
+        match self {
+            Frontend::Cuse(cuse) => cuse.shutdown(),
+            Frontend::Fuse(fuse) => fuse.shutdown(),
+        }
+    }
+}
+
+impl DeviceRegistry for Frontend {
+    fn add_device(&self, device: Arc<dyn Device>) -> Result<(), String> {
+        match self {
+            Frontend::Cuse(cuse) => cuse.add_device(device).map_err(|e| e.to_string()),
+            Frontend::Fuse(fuse) => fuse.add_device(device).map_err(|e| e.to_string()),
+        }
+    }
+
+    fn remove_device(&self, name: &str) {
+        let result = match self {
+            Frontend::Cuse(cuse) => cuse.remove_device(name).map_err(|e| e.to_string()),
+            Frontend::Fuse(fuse) => fuse.remove_device(name).map_err(|e| e.to_string()),
+        };
+        if let Err(e) = result {
+            log::error!("removing /dev/{name}: {e}");
+        }
+    }
+}
