@@ -8,6 +8,16 @@ need=()
 command -v sha256sum >/dev/null || need+=(coreutils)
 command -v unshare >/dev/null || need+=(util-linux)
 command -v mount >/dev/null || need+=(mount)
+# The QEMU guest (tests/scripts/guest/build-guest.sh): the emulator, a static busybox for the
+# initramfs, depmod for the unpacked guest kernel's modules, cpio to pack the initramfs and
+# python3's lzma to extract the uncompressed vmlinux.
+command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
+# busybox (dynamic) also ships /bin/busybox, but the initramfs has no libc: ask for the static one.
+[ "$(dpkg-query -W -f='${Status}' busybox-static 2>/dev/null)" = "install ok installed" ] ||
+    need+=(busybox-static)
+command -v depmod >/dev/null || need+=(kmod)
+command -v cpio >/dev/null || need+=(cpio)
+python3 -c 'import lzma' 2>/dev/null || need+=(python3)
 [ -e /dev/fuse ] || { echo "install-deps: /dev/fuse is missing: load the fuse module (modprobe fuse)" >&2; exit 1; }
 
 if [ ${#need[@]} -gt 0 ]; then
@@ -18,6 +28,7 @@ if [ ${#need[@]} -gt 0 ]; then
     echo "install-deps: installing ${need[*]}"
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
+    # --no-install-recommends matters for qemu-system-x86: its recommends pull ~180 packages.
     # hyperv-daemons' maintainer scripts try to start units; in a container without systemd
     # that fails harmlessly, the binaries are what we need.
     apt-get install -y -qq --no-install-recommends "${need[@]}"

@@ -20,14 +20,15 @@ pub const FCOPY_NODE: &str = "/dev/vmbus/hv_fcopy";
 /// How long any readiness wait may take before the test fails with the log it has seen.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// A workspace binary built next to the test executable (`target/<profile>/NAME`).
+/// A workspace binary built next to the running executable: `target/<profile>/NAME`, seen
+/// from a test (`target/<profile>/deps/<test>-<hash>`) or from a binary of this crate
+/// (`target/<profile>/qemu-demo`).
 pub fn workspace_binary(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable path");
-    // target/<profile>/deps/<test>-<hash> → target/<profile>/<name>
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("test executable lives in target/<profile>/deps");
+    let exe = std::env::current_exe().expect("executable path");
+    let mut dir = exe.parent().expect("executable lives in target/<profile>");
+    if dir.file_name().is_some_and(|n| n == "deps") {
+        dir = dir.parent().expect("deps lives in target/<profile>");
+    }
     let path = dir.join(name);
     assert!(
         path.exists(),

@@ -7,7 +7,9 @@ pub use namespace::enter_private_mount_namespace;
 pub use thread_state::{current_tid, wait_until_sleeping_in_syscall};
 pub mod blocking;
 pub mod dev;
+pub mod fcopy_guest;
 pub mod harness;
+pub mod qemu;
 
 /// Held while a test spawns a process and while it closes a device fd.
 ///

@@ -1,0 +1,212 @@
+//! The fcopy path through a QEMU guest, shared by the end-to-end test and `make qemu-demo`:
+//!
+//! ```text
+//!  host: fakehost copy ─► fakehost serve ◄─unix─ vhost ◄─vhost-user─ QEMU (TCG)
+//!  guest: hv_fcopy_daemon ─► /dev/vmbus/hv_fcopy (CUSE) ─► cusedev serve ─► AF_VSOCK 2:5000
+//! ```
+//!
+//! Readiness is awaited on log lines: on the host through [`Supervised`], in the guest with
+//! the `wait-log` tool (inotify), never with sleeps.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use crate::harness::{scratch_dir, workspace_binary, Supervised, FCOPY_DAEMON};
+use crate::qemu::{Guest, GuestConfig, GuestImage};
+
+/// The vsock port the guest's cusedev connects to; the vhost backend hands it to fakehost.
+pub const BUS_PORT: u32 = 5000;
+/// The guest's CID, set by the vhost backend.
+pub const GUEST_CID: u32 = 3;
+/// For guest commands that only start or look at something.
+pub const SHORT: Duration = Duration::from_secs(60);
+
+/// The host side: fakehost and our vhost backend on a scratch directory. Both are killed when
+/// this is dropped.
+pub struct VsockHost {
+    pub dir: PathBuf,
+    pub fakehost: Supervised,
+    pub vhost: Supervised,
+}
+
+impl VsockHost {
+    /// Starts fakehost (bus + control sockets) and `vhost` in front of it, and waits until
+    /// both listen.
+    pub fn start(name: &str) -> VsockHost {
+        let dir = scratch_dir(name);
+        let bus = dir.join("bus.sock");
+        let fakehost = Supervised::spawn(
+            "fakehost",
+            Command::new(workspace_binary("fakehost"))
+                .arg("serve")
+                .arg("--listen")
+                .arg(format!("unix:{}", bus.display()))
+                .arg("--control")
+                .arg(dir.join("ctl.sock"))
+                .env("RUST_LOG", "info"),
+        );
+        fakehost.wait_for_log("listening");
+        let vhost = Supervised::spawn(
+            "vhost",
+            Command::new(workspace_binary("vhost"))
+                .arg("--socket")
+                .arg(dir.join("vhost.sock"))
+                .arg("--guest-cid")
+                .arg(GUEST_CID.to_string())
+                .arg("--host")
+                .arg(format!("unix:{}", bus.display()))
+                .arg("--bus-port")
+                .arg(BUS_PORT.to_string())
+                .env("RUST_LOG", "info"),
+        );
+        vhost.wait_for_log("listening for the VMM on");
+        VsockHost {
+            dir,
+            fakehost,
+            vhost,
+        }
+    }
+
+    /// The vhost-user socket QEMU connects to.
+    pub fn vhost_socket(&self) -> PathBuf {
+        self.dir.join("vhost.sock")
+    }
+
+    /// Boots a guest attached to this host's vhost backend and waits until the backend has
+    /// the VMM. `config.vhost_user_vsock` is set here.
+    pub fn boot(&self, image: &GuestImage, config: GuestConfig) -> io::Result<Guest> {
+        let guest = Guest::boot(
+            image,
+            GuestConfig {
+                vhost_user_vsock: Some(self.vhost_socket()),
+                ..config
+            },
+        )?;
+        self.vhost.wait_for_log("VMM connected");
+        Ok(guest)
+    }
+
+    /// `fakehost copy SRC DEST_DIR EXTRA...` against this host: (exit code, stdout + stderr).
+    pub fn copy(&self, src: &Path, dest_dir: &str, extra: &[&str]) -> (Option<i32>, String) {
+        let output = {
+            let _guard = crate::spawn_guard();
+            Command::new(workspace_binary("fakehost"))
+                .arg("copy")
+                .arg(src)
+                .arg(dest_dir)
+                .args(extra)
+                .env("FAKEHOST_CONTROL", self.dir.join("ctl.sock"))
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+        }
+        .and_then(|child| child.wait_with_output());
+        match output {
+            Ok(output) => (
+                output.status.code(),
+                format!(
+                    "{}{}",
+                    String::from_utf8_lossy(&output.stdout),
+                    String::from_utf8_lossy(&output.stderr)
+                ),
+            ),
+            Err(err) => (None, format!("cannot run fakehost copy: {err}")),
+        }
+    }
+}
+
+/// Runs `command` in the guest; an error carries its output and the console's last lines.
+pub fn guest_ok(
+    guest: &mut Guest,
+    step: &str,
+    command: &str,
+    timeout: Duration,
+) -> io::Result<String> {
+    guest.run_ok(command, timeout).map_err(|err| {
+        io::Error::other(format!(
+            "{step}: `{command}` failed: {err}\n--- guest console ---\n{}",
+            guest.console_tail(40)
+        ))
+    })
+}
+
+/// Starts syslogd (the daemon logs nowhere else) and `cusedev serve --frontend auto` over
+/// vsock, and waits until the node is served. Returns cusedev's `frontend:` log line.
+pub fn start_cusedev(guest: &mut Guest) -> io::Result<String> {
+    let cusedev = workspace_binary("cusedev");
+    let wait_log = workspace_binary("wait-log");
+    guest_ok(
+        guest,
+        "start syslogd",
+        "busybox syslogd -n -O /tmp/syslog.txt >/dev/null 2>&1 </dev/null &",
+        SHORT,
+    )?;
+    guest_ok(
+        guest,
+        "start cusedev",
+        &format!(
+            "RUST_LOG=info setsid {} serve --host vsock:2:{BUS_PORT} --frontend auto \
+             >/tmp/cusedev.log 2>&1 </dev/null &",
+            cusedev.display()
+        ),
+        SHORT,
+    )?;
+    guest_ok(
+        guest,
+        "cusedev serves the node",
+        &format!(
+            "{} /tmp/cusedev.log 'serving /dev/vmbus/hv_fcopy' --timeout 60 >/dev/null && \
+             grep -m1 'frontend:' /tmp/cusedev.log",
+            wait_log.display()
+        ),
+        SHORT,
+    )
+}
+
+/// Starts Debian's unmodified daemon in the guest and waits until the driver has its
+/// registration (counting only log lines written after the start, so an earlier handshake,
+/// such as the errno probe's, does not count).
+pub fn start_daemon(guest: &mut Guest) -> io::Result<()> {
+    let wait_log = workspace_binary("wait-log");
+    let mark = guest_ok(
+        guest,
+        "cusedev log length",
+        "wc -l < /tmp/cusedev.log",
+        SHORT,
+    )?;
+    guest_ok(
+        guest,
+        "start the daemon",
+        &format!("setsid {FCOPY_DAEMON} -n >/tmp/daemon.log 2>&1 </dev/null &"),
+        SHORT,
+    )?;
+    guest_ok(
+        guest,
+        "the daemon registers",
+        &format!(
+            "{} /tmp/cusedev.log 'daemon registered with version 1' --from-line {} --timeout 60",
+            wait_log.display(),
+            mark.trim()
+        ),
+        SHORT,
+    )
+    .map(drop)
+}
+
+/// The sha256 of a guest file, computed in the guest.
+pub fn guest_sha256(guest: &mut Guest, path: &str, timeout: Duration) -> io::Result<String> {
+    let output = guest_ok(
+        guest,
+        "sha256 in the guest",
+        &format!("sha256sum {path}"),
+        timeout,
+    )?;
+    output
+        .split_whitespace()
+        .next()
+        .map(str::to_owned)
+        .ok_or_else(|| io::Error::other(format!("sha256sum printed nothing for {path}")))
+}
