@@ -90,13 +90,17 @@ impl VsockHost {
 
     /// `fakehost copy SRC DEST_DIR EXTRA...` against this host: (exit code, stdout + stderr).
     pub fn copy(&self, src: &Path, dest_dir: &str, extra: &[&str]) -> (Option<i32>, String) {
+        let mut args = vec!["copy".as_ref(), src.as_os_str(), dest_dir.as_ref()];
+        args.extend(extra.iter().map(|a| std::ffi::OsStr::new(*a)));
+        self.fakehost(&args)
+    }
+
+    /// `fakehost ARGS...` (a control command) against this host: (exit code, stdout + stderr).
+    pub fn fakehost<S: AsRef<std::ffi::OsStr>>(&self, args: &[S]) -> (Option<i32>, String) {
         let output = {
             let _guard = crate::spawn_guard();
             Command::new(workspace_binary("fakehost"))
-                .arg("copy")
-                .arg(src)
-                .arg(dest_dir)
-                .args(extra)
+                .args(args)
                 .env("FAKEHOST_CONTROL", self.dir.join("ctl.sock"))
                 .stdin(std::process::Stdio::null())
                 .stdout(std::process::Stdio::piped())
@@ -113,7 +117,7 @@ impl VsockHost {
                     String::from_utf8_lossy(&output.stderr)
                 ),
             ),
-            Err(err) => (None, format!("cannot run fakehost copy: {err}")),
+            Err(err) => (None, format!("cannot run fakehost: {err}")),
         }
     }
 }
@@ -170,30 +174,42 @@ pub fn start_cusedev(guest: &mut Guest) -> io::Result<String> {
 /// registration (counting only log lines written after the start, so an earlier handshake,
 /// such as the errno probe's, does not count).
 pub fn start_daemon(guest: &mut Guest) -> io::Result<()> {
-    let wait_log = workspace_binary("wait-log");
-    let mark = guest_ok(
-        guest,
-        "cusedev log length",
-        "wc -l < /tmp/cusedev.log",
-        SHORT,
-    )?;
+    let mark = cusedev_log_mark(guest)?;
     guest_ok(
         guest,
         "start the daemon",
         &format!("setsid {FCOPY_DAEMON} -n >/tmp/daemon.log 2>&1 </dev/null &"),
         SHORT,
     )?;
+    wait_for_cusedev_log(guest, mark, "daemon registered with version 1").map(drop)
+}
+
+/// How many lines cusedev's log has now: a mark for [`wait_for_cusedev_log`].
+pub fn cusedev_log_mark(guest: &mut Guest) -> io::Result<usize> {
+    let count = guest_ok(
+        guest,
+        "cusedev log length",
+        "wc -l < /tmp/cusedev.log",
+        SHORT,
+    )?;
+    count
+        .trim()
+        .parse()
+        .map_err(|_| io::Error::other(format!("wc printed {count:?}")))
+}
+
+/// Waits until a line of cusedev's log after line `mark` contains `needle`; returns it.
+pub fn wait_for_cusedev_log(guest: &mut Guest, mark: usize, needle: &str) -> io::Result<String> {
+    let wait_log = workspace_binary("wait-log");
     guest_ok(
         guest,
-        "the daemon registers",
+        &format!("cusedev logs {needle:?}"),
         &format!(
-            "{} /tmp/cusedev.log 'daemon registered with version 1' --from-line {} --timeout 60",
-            wait_log.display(),
-            mark.trim()
+            "{} /tmp/cusedev.log '{needle}' --from-line {mark} --timeout 60",
+            wait_log.display()
         ),
         SHORT,
     )
-    .map(drop)
 }
 
 /// The sha256 of a guest file, computed in the guest.

@@ -8,7 +8,8 @@
 use std::time::Duration;
 
 use cusedev_tests::fcopy_guest::{
-    guest_ok, guest_sha256, start_cusedev, start_daemon, VsockHost, SHORT,
+    cusedev_log_mark, guest_ok, guest_sha256, start_cusedev, start_daemon, wait_for_cusedev_log,
+    VsockHost, SHORT,
 };
 use cusedev_tests::harness::{sha256, workspace_binary, write_pattern_file};
 use cusedev_tests::qemu::{GuestConfig, GuestImage};
@@ -96,6 +97,38 @@ fn unmodified_daemon_receives_files_over_cuse_and_vhost_vsock_in_a_qemu_guest() 
     assert!(text.contains("0x80070050"), "{text}");
     let in_guest =
         guest_sha256(&mut guest, "/srv/in/ten.bin", LONG).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(in_guest, sha256(&ten));
+
+    // Rescind while the daemon holds the device (6.1): its read fails with EBADF, it lets go,
+    // and only at that last close does the node go and the CUSE device get unregistered.
+    let mark = cusedev_log_mark(&mut guest).unwrap_or_else(|e| panic!("{e}"));
+    let (code, text) = host.fakehost(&["rescind", "fcopy"]);
+    assert_eq!(code, Some(0), "{text}");
+    for line in [
+        "/dev/vmbus/hv_fcopy removed",
+        "vmbus/hv_fcopy: CUSE connection closed; the kernel unregistered the device",
+    ] {
+        wait_for_cusedev_log(&mut guest, mark, line).unwrap_or_else(|e| panic!("{e}"));
+    }
+    guest_ok(
+        &mut guest,
+        "node and CUSE device gone",
+        "test ! -e /dev/vmbus/hv_fcopy && test ! -e '/sys/class/cuse/vmbus!hv_fcopy'",
+        SHORT,
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+
+    // A new offer registers the same name again; a new daemon receives a file.
+    let mark = cusedev_log_mark(&mut guest).unwrap_or_else(|e| panic!("{e}"));
+    let (code, text) = host.fakehost(&["offer", "fcopy"]);
+    assert_eq!(code, Some(0), "{text}");
+    wait_for_cusedev_log(&mut guest, mark, "serving /dev/vmbus/hv_fcopy")
+        .unwrap_or_else(|e| panic!("{e}"));
+    start_daemon(&mut guest).unwrap_or_else(|e| panic!("{e}"));
+    let (code, text) = host.copy(&ten, "/srv/again/", &["--create-path"]);
+    assert_eq!(code, Some(0), "copy after the re-offer failed:\n{text}");
+    let in_guest =
+        guest_sha256(&mut guest, "/srv/again/ten.bin", LONG).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(in_guest, sha256(&ten));
 
     // The daemon said what it did in syslog: the driver's version it read, each target.

@@ -56,7 +56,7 @@ fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
 pub struct CuseFrontend {
     dev_root: PathBuf,
     state: SharedState,
-    retire: Sender<Session>,
+    retire: Sender<(String, Session)>,
 }
 
 /// Checks a device name relative to /dev: `lguest`, `vmbus/hv_fcopy`.
@@ -77,13 +77,16 @@ impl CuseFrontend {
     /// A frontend whose nodes are (also) made under `dev_root`, normally `/dev`, where
     /// devtmpfs makes them anyway.
     pub fn new(dev_root: &Path) -> CuseFrontend {
-        let (retire, retired) = mpsc::channel::<Session>();
+        let (retire, retired) = mpsc::channel::<(String, Session)>();
         // Ends when every sender is gone: the frontend and all its tracked devices.
         let spawned = thread::Builder::new()
             .name("cusedev-cuse-reaper".to_owned())
             .spawn(move || {
-                for mut session in retired {
+                for (name, mut session) in retired {
                     session.stop();
+                    log::info!(
+                        "{name}: CUSE connection closed; the kernel unregistered the device"
+                    );
                 }
             });
         if let Err(err) = spawned {
@@ -232,7 +235,7 @@ impl CuseFrontend {
         );
         if open == 0 {
             if let Some(node) = state.nodes.remove(name) {
-                let _ = self.retire.send(node.session);
+                let _ = self.retire.send((name.to_owned(), node.session));
             }
         }
         Ok(())
@@ -269,7 +272,7 @@ struct TrackedDevice {
     id: u64,
     open: AtomicUsize,
     state: Weak<Mutex<State>>,
-    retire: Sender<Session>,
+    retire: Sender<(String, Session)>,
 }
 
 impl TrackedDevice {
@@ -293,7 +296,7 @@ impl TrackedDevice {
         if ours {
             if let Some(node) = state.nodes.remove(name) {
                 log::debug!("{name}: last file closed after removal; closing its CUSE connection");
-                let _ = self.retire.send(node.session);
+                let _ = self.retire.send((name.to_owned(), node.session));
             }
         }
     }
