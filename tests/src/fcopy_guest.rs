@@ -97,16 +97,14 @@ impl VsockHost {
 
     /// `fakehost ARGS...` (a control command) against this host: (exit code, stdout + stderr).
     pub fn fakehost<S: AsRef<std::ffi::OsStr>>(&self, args: &[S]) -> (Option<i32>, String) {
-        let output = {
-            let _guard = crate::spawn_guard();
+        let output = crate::spawn_isolated(
             Command::new(workspace_binary("fakehost"))
                 .args(args)
                 .env("FAKEHOST_CONTROL", self.dir.join("ctl.sock"))
                 .stdin(std::process::Stdio::null())
                 .stdout(std::process::Stdio::piped())
-                .stderr(std::process::Stdio::piped())
-                .spawn()
-        }
+                .stderr(std::process::Stdio::piped()),
+        )
         .and_then(|child| child.wait_with_output());
         match output {
             Ok(output) => (

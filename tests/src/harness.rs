@@ -64,14 +64,8 @@ pub struct Supervised {
 
 impl Supervised {
     pub fn spawn(name: &'static str, command: &mut Command) -> Supervised {
-        let mut child = {
-            let _guard = crate::spawn_guard();
-            command
-                .stdin(Stdio::null())
-                .stderr(Stdio::piped())
-                .spawn()
-                .unwrap_or_else(|e| panic!("cannot start {name}: {e}"))
-        };
+        let mut child = crate::spawn_isolated(command.stdin(Stdio::null()).stderr(Stdio::piped()))
+            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
         let log = Arc::new(LogBook::default());
         let stderr = child.stderr.take().expect("piped stderr");
         let book = log.clone();
@@ -230,15 +224,15 @@ impl Rig {
 
     /// Starts `fakehost <args>` in the background (for copies a test interferes with).
     pub fn fakehost_spawn(&self, args: &[&str]) -> Child {
-        let _guard = crate::spawn_guard();
-        Command::new(workspace_binary("fakehost"))
-            .args(args)
-            .env("FAKEHOST_CONTROL", self.control_socket())
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start fakehost CLI")
+        crate::spawn_isolated(
+            Command::new(workspace_binary("fakehost"))
+                .args(args)
+                .env("FAKEHOST_CONTROL", self.control_socket())
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped()),
+        )
+        .expect("start fakehost CLI")
     }
 
     /// Starts Debian's daemon in the foreground mode its systemd unit uses and waits until
@@ -306,10 +300,14 @@ pub fn write_pattern_file(path: &Path, len: u64, seed: u64) {
 
 /// sha256 of a file, by coreutils' sha256sum.
 pub fn sha256(path: &Path) -> String {
-    let output = Command::new("sha256sum")
-        .arg(path)
-        .output()
-        .expect("run sha256sum");
+    let output = crate::spawn_isolated(
+        Command::new("sha256sum")
+            .arg(path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped()),
+    )
+    .and_then(|child| child.wait_with_output())
+    .expect("run sha256sum");
     assert!(
         output.status.success(),
         "sha256sum {} failed",

@@ -23,3 +23,29 @@ pub static SPAWN_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
 pub fn spawn_guard() -> std::sync::MutexGuard<'static, ()> {
     SPAWN_LOCK.lock().unwrap_or_else(|e| e.into_inner())
 }
+
+/// Spawns `command` under [`SPAWN_LOCK`] such that the child holds none of this process's
+/// descriptors above stderr by the time `spawn` returns.
+///
+/// O_CLOEXEC alone is not enough: std may spawn with vfork semantics, which lets the parent go
+/// on as soon as the child starts exec, before exec has closed the child's copies. A device fd
+/// a test closes right after such a spawn would then have its last reference in the child, and
+/// the FUSE RELEASE would come later than the test's next open (EBUSY from a single-open
+/// driver: a race of the harness, not of the driver). Closing everything in the child before
+/// exec, and returning to user mode once (which runs the deferred final fput), means the
+/// release of any such file is queued before the parent learns that the child started.
+pub fn spawn_isolated(command: &mut std::process::Command) -> std::io::Result<std::process::Child> {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs in the forked child before exec and only makes the
+    // async-signal-safe close_range(2) system call.
+    unsafe {
+        command.pre_exec(|| {
+            if libc::close_range(3, libc::c_uint::MAX, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let _guard = spawn_guard();
+    command.spawn()
+}

@@ -110,16 +110,14 @@ impl GuestImage {
     /// builds the initramfs: whatever is not cached yet) and parses its result lines.
     pub fn build(out_dir: &Path) -> io::Result<GuestImage> {
         let script = repo_root().join("tests/scripts/guest/build-guest.sh");
-        let mut child = {
-            let _guard = crate::spawn_guard();
+        let mut child = crate::spawn_isolated(
             Command::new(&script)
                 .arg(out_dir)
                 .stdin(Stdio::null())
                 .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .map_err(|e| context(e, format!("cannot run {}", script.display())))?
-        };
+                .stderr(Stdio::piped()),
+        )
+        .map_err(|e| context(e, format!("cannot run {}", script.display())))?;
         let stdout = child
             .stdout
             .take()
@@ -733,10 +731,7 @@ impl Watchdog {
         let shared = state.clone();
         let (started, spawned) = mpsc::channel();
         let watch = move || {
-            let child = {
-                let _guard = crate::spawn_guard();
-                command.spawn()
-            };
+            let child = crate::spawn_isolated(&mut command);
             let qemu = match child {
                 Ok(child) => Arc::new(Mutex::new(child)),
                 Err(e) => {
