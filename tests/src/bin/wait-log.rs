@@ -76,9 +76,50 @@ fn main() -> ExitCode {
     }
 }
 
+/// Sleeps on inotify until `file` exists: a server started in the background may not have
+/// created its log yet when we start waiting for a line in it.
+fn wait_for_file(inotify: &Inotify, file: &str, deadline: Instant) -> Result<(), String> {
+    let path = std::path::Path::new(file);
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => std::path::Path::new("."),
+    };
+    let watch = inotify
+        .add_watch(dir, AddWatchFlags::IN_CREATE | AddWatchFlags::IN_MOVED_TO)
+        .map_err(|e| format!("cannot watch {}: {e}", dir.display()))?;
+    while !path.exists() {
+        if !sleep_on(inotify, deadline)? {
+            return Err(format!("{file} did not appear before the timeout"));
+        }
+    }
+    let _ = inotify.rm_watch(watch);
+    Ok(())
+}
+
+/// Waits for inotify events until `deadline`; false when the deadline passed first.
+fn sleep_on(inotify: &Inotify, deadline: Instant) -> Result<bool, String> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    if left.is_zero() {
+        return Ok(false);
+    }
+    let mut fds = [PollFd::new(inotify.as_fd(), PollFlags::POLLIN)];
+    let ms =
+        PollTimeout::try_from(left.as_millis().min(60_000) as i32 + 1).unwrap_or(PollTimeout::MAX);
+    match nix::poll::poll(&mut fds, ms) {
+        Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+        Err(e) => return Err(format!("poll: {e}")),
+    }
+    // Drain the events; what matters is only that something changed.
+    if fds[0].any().unwrap_or(false) {
+        let _ = inotify.read_events();
+    }
+    Ok(true)
+}
+
 fn wait(args: &Args) -> Result<String, String> {
     let deadline = Instant::now() + args.timeout;
     let inotify = Inotify::init(InitFlags::IN_CLOEXEC).map_err(|e| format!("inotify: {e}"))?;
+    wait_for_file(&inotify, &args.file, deadline)?;
     // Watch before the first read, so a line written in between still wakes us.
     inotify
         .add_watch(
@@ -112,24 +153,12 @@ fn wait(args: &Args) -> Result<String, String> {
                 return Ok(line);
             }
         }
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
+        if !sleep_on(&inotify, deadline)? {
             let tail = seen[seen.len().saturating_sub(20)..].join("\n");
             return Err(format!(
                 "no line with {:?} in {} after {:?}; its last lines:\n{tail}",
                 args.pattern, args.file, args.timeout
             ));
-        }
-        let mut fds = [PollFd::new(inotify.as_fd(), PollFlags::POLLIN)];
-        let ms = PollTimeout::try_from(left.as_millis().min(60_000) as i32 + 1)
-            .unwrap_or(PollTimeout::MAX);
-        match nix::poll::poll(&mut fds, ms) {
-            Ok(_) | Err(nix::errno::Errno::EINTR) => {}
-            Err(e) => return Err(format!("poll: {e}")),
-        }
-        // Drain the events; what matters is only that the file may have grown.
-        if fds[0].any().unwrap_or(false) {
-            let _ = inotify.read_events();
         }
     }
 }
