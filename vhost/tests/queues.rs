@@ -24,12 +24,13 @@ use vhost_vsock::packet::{
 
 #[test]
 fn guest_connects_to_the_bus_and_bytes_flow_both_ways() {
-    let dir = TempDir::new("flow");
-    let bus_path = dir.path("bus.sock");
-    let bus = UnixListener::bind(&bus_path).unwrap();
-    let mem = memory();
-    let mut guest = Guest::new(&mem);
-    let mut dev = device(&bus_path, None, None);
+    let BusRig {
+        dir: _dir,
+        bus,
+        mut guest,
+        mut dev,
+        ..
+    } = BusRig::new("flow");
     guest.post_rx(16, 4096);
 
     let mut peer = open_bus_connection(&mut dev, &mut guest, &bus, 40000, 64 * 1024);
@@ -80,12 +81,13 @@ fn guest_connects_to_the_bus_and_bytes_flow_both_ways() {
 
 #[test]
 fn rx_payload_is_split_into_small_and_two_descriptor_buffers() {
-    let dir = TempDir::new("rxsplit");
-    let bus_path = dir.path("bus.sock");
-    let bus = UnixListener::bind(&bus_path).unwrap();
-    let mem = memory();
-    let mut guest = Guest::new(&mem);
-    let mut dev = device(&bus_path, None, None);
+    let BusRig {
+        dir: _dir,
+        bus,
+        mut guest,
+        mut dev,
+        ..
+    } = BusRig::new("rxsplit");
     guest.post_rx(1, 4096);
     let mut peer = open_bus_connection(&mut dev, &mut guest, &bus, 40001, 64 * 1024);
 
@@ -107,12 +109,13 @@ fn rx_payload_is_split_into_small_and_two_descriptor_buffers() {
 
 #[test]
 fn host_data_respects_guest_credit_and_back_pressures_the_socket() {
-    let dir = TempDir::new("credit");
-    let bus_path = dir.path("bus.sock");
-    let bus = UnixListener::bind(&bus_path).unwrap();
-    let mem = memory();
-    let mut guest = Guest::new(&mem);
-    let mut dev = device(&bus_path, None, None);
+    let BusRig {
+        dir: _dir,
+        bus,
+        mut guest,
+        mut dev,
+        ..
+    } = BusRig::new("credit");
     guest.post_rx(64, 4096);
     let mut peer = open_bus_connection(&mut dev, &mut guest, &bus, 40002, 1000);
 
@@ -205,12 +208,13 @@ fn host_data_respects_guest_credit_and_back_pressures_the_socket() {
 
 #[test]
 fn guest_credit_request_gets_a_credit_update() {
-    let dir = TempDir::new("creditreq");
-    let bus_path = dir.path("bus.sock");
-    let bus = UnixListener::bind(&bus_path).unwrap();
-    let mem = memory();
-    let mut guest = Guest::new(&mem);
-    let mut dev = device(&bus_path, None, None);
+    let BusRig {
+        dir: _dir,
+        bus,
+        mut guest,
+        mut dev,
+        ..
+    } = BusRig::new("creditreq");
     guest.post_rx(4, 4096);
     let mut peer = open_bus_connection(&mut dev, &mut guest, &bus, 40003, 64 * 1024);
     guest.send(&Guest::hdr(Op::Rw, 40003, 5000, 3), b"abc", Layout::Two);
@@ -273,12 +277,13 @@ fn guest_overrunning_our_buffer_is_reset() {
 
 #[test]
 fn shutdown_from_the_guest_then_host_close_ends_with_rst() {
-    let dir = TempDir::new("shut1");
-    let bus_path = dir.path("bus.sock");
-    let bus = UnixListener::bind(&bus_path).unwrap();
-    let mem = memory();
-    let mut guest = Guest::new(&mem);
-    let mut dev = device(&bus_path, None, None);
+    let BusRig {
+        dir: _dir,
+        bus,
+        mut guest,
+        mut dev,
+        ..
+    } = BusRig::new("shut1");
     guest.post_rx(8, 4096);
     let mut peer = open_bus_connection(&mut dev, &mut guest, &bus, 40005, 64 * 1024);
 
@@ -307,12 +312,13 @@ fn shutdown_from_the_guest_then_host_close_ends_with_rst() {
 
 #[test]
 fn host_eof_then_guest_full_shutdown_ends_with_rst() {
-    let dir = TempDir::new("shut2");
-    let bus_path = dir.path("bus.sock");
-    let bus = UnixListener::bind(&bus_path).unwrap();
-    let mem = memory();
-    let mut guest = Guest::new(&mem);
-    let mut dev = device(&bus_path, None, None);
+    let BusRig {
+        dir: _dir,
+        bus,
+        mut guest,
+        mut dev,
+        ..
+    } = BusRig::new("shut2");
     guest.post_rx(8, 4096);
     let mut peer = open_bus_connection(&mut dev, &mut guest, &bus, 40006, 64 * 1024);
 
@@ -336,12 +342,13 @@ fn host_eof_then_guest_full_shutdown_ends_with_rst() {
 
 #[test]
 fn guest_rst_closes_the_host_socket_at_once() {
-    let dir = TempDir::new("rst");
-    let bus_path = dir.path("bus.sock");
-    let bus = UnixListener::bind(&bus_path).unwrap();
-    let mem = memory();
-    let mut guest = Guest::new(&mem);
-    let mut dev = device(&bus_path, None, None);
+    let BusRig {
+        dir: _dir,
+        bus,
+        mut guest,
+        mut dev,
+        ..
+    } = BusRig::new("rst");
     guest.post_rx(4, 4096);
     let mut peer = open_bus_connection(&mut dev, &mut guest, &bus, 40007, 64 * 1024);
     guest.send(&Guest::hdr(Op::Rst, 40007, 5000, 0), &[], Layout::One);
@@ -474,12 +481,14 @@ fn host_clients_connect_to_guest_ports() {
 
 #[test]
 fn malformed_tx_chains_are_counted_returned_and_harmless() {
-    let dir = TempDir::new("badtx");
-    let bus_path = dir.path("bus.sock");
-    let bus = UnixListener::bind(&bus_path).unwrap();
-    let mem = memory();
-    let mut guest = Guest::new(&mem);
-    let mut dev = device(&bus_path, None, None);
+    let BusRig {
+        dir: _dir,
+        bus,
+        mem,
+        mut guest,
+        mut dev,
+        ..
+    } = BusRig::new("badtx");
     guest.post_rx(4, 4096);
 
     let scratch = SCRATCH;
@@ -570,12 +579,13 @@ fn malformed_rx_chains_are_counted_returned_and_skipped() {
 
 #[test]
 fn bad_addresses_and_types_are_dropped_or_reset() {
-    let dir = TempDir::new("badaddr");
-    let bus_path = dir.path("bus.sock");
-    let bus = UnixListener::bind(&bus_path).unwrap();
-    let mem = memory();
-    let mut guest = Guest::new(&mem);
-    let mut dev = device(&bus_path, None, None);
+    let BusRig {
+        dir: _dir,
+        bus,
+        mut guest,
+        mut dev,
+        ..
+    } = BusRig::new("badaddr");
     guest.post_rx(4, 4096);
     let mut spoofed = Guest::hdr(Op::Request, 44000, 5000, 0);
     spoofed.src_cid = 4;
@@ -633,12 +643,13 @@ fn replies_wait_for_rx_buffers_and_go_out_on_the_next_rx_kick() {
 
 #[test]
 fn device_reset_drops_every_connection() {
-    let dir = TempDir::new("reset");
-    let bus_path = dir.path("bus.sock");
-    let bus = UnixListener::bind(&bus_path).unwrap();
-    let mem = memory();
-    let mut guest = Guest::new(&mem);
-    let mut dev = device(&bus_path, None, None);
+    let BusRig {
+        dir: _dir,
+        bus,
+        mut guest,
+        mut dev,
+        ..
+    } = BusRig::new("reset");
     guest.post_rx(4, 4096);
     let mut a = open_bus_connection(&mut dev, &mut guest, &bus, 46000, 4096);
     let mut b = open_bus_connection(&mut dev, &mut guest, &bus, 46001, 4096);

@@ -375,6 +375,37 @@ pub fn device(bus: &Path, uds: Option<PathBuf>, listener: Option<UnixListener>) 
     .unwrap()
 }
 
+/// The start of most queue tests: a bus listener in a fresh directory, a device routed to it,
+/// and a guest driver on fresh memory (leaked: it must outlive the `Guest` that borrows it,
+/// and a test process ends soon anyway). Bind `dir` when destructuring (`dir: _dir`): a field
+/// left to `..` is dropped at once, and the directory with the bus socket with it.
+pub struct BusRig {
+    pub dir: TempDir,
+    pub bus_path: PathBuf,
+    pub bus: UnixListener,
+    pub mem: &'static Mem,
+    pub guest: Guest<'static>,
+    pub dev: VsockDevice,
+}
+
+impl BusRig {
+    pub fn new(name: &str) -> BusRig {
+        let dir = TempDir::new(name);
+        let bus_path = dir.path("bus.sock");
+        let bus = UnixListener::bind(&bus_path).unwrap();
+        let mem: &'static Mem = Box::leak(Box::new(memory()));
+        let dev = device(&bus_path, None, None);
+        BusRig {
+            dir,
+            bus_path,
+            bus,
+            mem,
+            guest: Guest::new(mem),
+            dev,
+        }
+    }
+}
+
 /// Wait (with a deadline) until the device's host epoll has something, then service it and
 /// fill RX — what the backend does on its host event.
 pub fn host_event(dev: &mut VsockDevice, guest: &mut Guest) {
