@@ -178,6 +178,15 @@ impl Rig {
     }
 
     pub fn start_with(test: &str, kernel: &str, host_args: &[&str]) -> Rig {
+        Rig::start_full(test, kernel, "fuse", host_args)
+    }
+
+    /// Like [`Rig::start`] with cusedev's `--frontend` chosen by the test.
+    pub fn start_with_frontend(test: &str, kernel: &str, frontend: &str) -> Rig {
+        Rig::start_full(test, kernel, frontend, &[])
+    }
+
+    fn start_full(test: &str, kernel: &str, frontend: &str, host_args: &[&str]) -> Rig {
         let dir = scratch_dir(test);
         let bus = dir.join("bus.sock");
         let host = spawn_host(&dir, host_args);
@@ -188,7 +197,7 @@ impl Rig {
                 .arg("--host")
                 .arg(format!("unix:{}", bus.display()))
                 .arg("--frontend")
-                .arg("fuse")
+                .arg(frontend)
                 .arg("--kernel")
                 .arg(kernel)
                 .env("RUST_LOG", "info"),

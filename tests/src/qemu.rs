@@ -618,7 +618,8 @@ fn create_log_dir(name: &str) -> io::Result<PathBuf> {
         })
         .collect();
     let base = format!("{safe}-{}", std::process::id());
-    for n in 1.. {
+    // A bound, so a directory full of leftovers is an error rather than a long loop.
+    for n in 1..=1000 {
         let dir = match n {
             1 => parent.join(&base),
             n => parent.join(format!("{base}-{n}")),
@@ -629,7 +630,10 @@ fn create_log_dir(name: &str) -> io::Result<PathBuf> {
             Err(e) => return Err(context(e, format!("cannot create {}", dir.display()))),
         }
     }
-    unreachable!("1.. is endless")
+    Err(io::Error::other(format!(
+        "{}: 1000 log directories named {base}[-n] already exist; remove old ones",
+        parent.display()
+    )))
 }
 
 /// Reads the agent's lines (QEMU's stdout) into `sender` until QEMU exits.

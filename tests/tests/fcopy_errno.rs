@@ -258,6 +258,30 @@ fn ioctl_is_enotty_on_linux_6_1() {
     assert_eq!(dev.ioctl(0x5401 /* TCGETS */, 0), Err(Errno::ENOTTY));
 }
 
+/// `--frontend auto` takes CUSE where the kernel has it and a FUSE mount where it has not, and
+/// says which and why; the node must be what the log says. CI machines have no CUSE module, so
+/// here this checks the fallback; the CUSE side is checked in a QEMU guest (qemu_fcopy.rs).
+#[test]
+fn auto_frontend_serves_the_node_it_names_in_the_log() {
+    enter_private_mount_namespace().expect("private mount namespace");
+    let rig = Rig::start_with_frontend("auto", "linux-6.1", "auto");
+    let dev = register_6_1();
+    let meta = std::fs::metadata(FCOPY_NODE).expect("stat the node");
+    if rig
+        .guest
+        .log_contains("frontend: CUSE (auto: /dev/cuse works")
+    {
+        assert!(std::os::unix::fs::FileTypeExt::is_char_device(
+            &meta.file_type()
+        ));
+    } else {
+        rig.guest
+            .wait_for_log("frontend: FUSE mount under /dev (auto: no CUSE here: ");
+        assert!(meta.is_file(), "a FUSE mount serves a regular file");
+    }
+    drop(dev);
+}
+
 // ---------------------------------------------------------------- Linux 3.14 (2014 driver)
 
 /// Registers as a seed-era daemon: version 0, to which the 2014 driver never replies.

@@ -163,6 +163,7 @@ fn close_resets_the_handshake(probe: &Probe) -> Result<(), String> {
     let dev = probe.open()?;
     expect("version write after reopen", dev.write_u32(1), Ok(4))?;
     let reply = dev.pread(4).map_err(|e| format!("pread 4: {e}"))?;
+    expect("reply length", reply.len(), 4)?;
     expect("reply version", u32_at(&reply, 0), 1)
 }
 

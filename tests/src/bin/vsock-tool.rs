@@ -670,7 +670,7 @@ fn latency(target: &Target, size: usize, count: usize, timeout: Duration) -> io:
         us(total) / count as f64,
         us(percentile(&samples, 50.0)),
         us(percentile(&samples, 99.0)),
-        us(*samples.last().expect("count > 0")),
+        us(samples.last().copied().unwrap_or_default()),
     );
     Ok(())
 }
@@ -721,11 +721,11 @@ fn throughput(
     if half_close {
         conn.shutdown_write()?;
     }
-    let mut answer = [0u8; 16];
-    conn.read_exact(&mut answer)?;
+    let (mut count, mut hash) = ([0u8; 8], [0u8; 8]);
+    conn.read_exact(&mut count)?;
+    conn.read_exact(&mut hash)?;
     let secs = t.elapsed().as_secs_f64();
-    let count = u64::from_le_bytes(answer[..8].try_into().expect("8 bytes"));
-    let hash = u64::from_le_bytes(answer[8..].try_into().expect("8 bytes"));
+    let (count, hash) = (u64::from_le_bytes(count), u64::from_le_bytes(hash));
     let ok = count == bytes && hash == expect;
     println!(
         "throughput bytes={bytes} seconds={secs:.3} MiB_per_s={:.1} verified={}",
