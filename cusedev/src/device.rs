@@ -14,6 +14,7 @@ use std::sync::Arc;
 
 pub use nix::errno::Errno;
 
+pub use crate::reply::{Parked, Pending, WaitList};
 use crate::wait::Interrupt;
 
 /// Identifies one open file of a device (the driver's `struct file *`).
@@ -145,11 +146,25 @@ impl From<IoctlReply> for IoctlOutcome {
     }
 }
 
+/// The answer to a read: the bytes (at most the count asked for).
+pub type ReadReply = Pending<Vec<u8>>;
+/// The answer to a write: the byte count the syscall returns.
+pub type WriteReply = Pending<u32>;
+/// The answer to an ioctl.
+pub type IoctlAnswer = Pending<IoctlOutcome>;
+
 /// One kernel character-device driver, as its `file_operations` table.
 ///
-/// Calls may block exactly where the kernel's would (a `wait_event_interruptible`, a
-/// `down_interruptible`): frontends run `read`, `write` and `ioctl` on worker threads, and an
-/// interrupted wait returns `Err(Errno::EINTR)` through [`crate::wait::WaitState`].
+/// Which calls may sleep: `read`, `write` and `ioctl` may wait exactly where the kernel's would
+/// (a `wait_event_interruptible`, a `down_interruptible`, a `wait_for_completion`), and they do
+/// it by *parking their reply* ([`Pending::park_interruptible`], [`Pending::park`]), never by
+/// blocking the thread they are called on: that thread is a frontend thread that has other
+/// requests to read. Whoever has the answer later (a packet from the host, another caller's
+/// write) claims the parked reply and answers it. `open`, `poll` and `release` must not sleep:
+/// none of the drivers modelled here sleeps in them, and the frontends answer them in order.
+///
+/// Every call must return promptly; a call that has slow work to do (large copies) does it
+/// before returning or on a thread of its own, with the reply moved there.
 pub trait Device: Send + Sync {
     /// The misc device name, relative to `/dev` (`"vmbus/hv_fcopy"`).
     fn name(&self) -> &str;
@@ -163,18 +178,12 @@ pub trait Device: Send + Sync {
     /// `open(2)`. `flags` are the open flags the kernel passed (O_RDWR, O_NONBLOCK, ...).
     fn open(&self, caller: &Caller, flags: i32) -> Result<Handle, Errno>;
 
-    /// `read(2)`/`pread(2)`. No `.read` in a driver: `vfs_read` returns EINVAL.
-    fn read(
-        &self,
-        _handle: Handle,
-        _count: u32,
-        _offset: u64,
-        _caller: &Caller,
-    ) -> Result<Vec<u8>, Errno> {
-        Err(Errno::EINVAL)
+    /// `read(2)`/`pread(2)` of `count` bytes. No `.read` in a driver: `vfs_read` returns EINVAL.
+    fn read(&self, _handle: Handle, _count: u32, _offset: u64, _caller: &Caller, reply: ReadReply) {
+        reply.err(Errno::EINVAL)
     }
 
-    /// `write(2)`/`pwrite(2)`; returns the byte count the syscall returns. No `.write`:
+    /// `write(2)`/`pwrite(2)`; answers the byte count the syscall returns. No `.write`:
     /// `vfs_write` returns EINVAL.
     fn write(
         &self,
@@ -182,19 +191,15 @@ pub trait Device: Send + Sync {
         _data: &[u8],
         _offset: u64,
         _caller: &Caller,
-    ) -> Result<u32, Errno> {
-        Err(Errno::EINVAL)
+        reply: WriteReply,
+    ) {
+        reply.err(Errno::EINVAL)
     }
 
     /// `ioctl(2)`: see [`IoctlCall`] for how the argument's memory arrives. No
     /// `.unlocked_ioctl`: ENOTTY.
-    fn ioctl(
-        &self,
-        _handle: Handle,
-        _call: &IoctlCall<'_>,
-        _caller: &Caller,
-    ) -> Result<IoctlOutcome, Errno> {
-        Err(Errno::ENOTTY)
+    fn ioctl(&self, _handle: Handle, _call: &IoctlCall<'_>, _caller: &Caller, reply: IoctlAnswer) {
+        reply.err(Errno::ENOTTY)
     }
 
     /// `poll(2)`: the current readiness, and if `waker` is given, a registration to wake when

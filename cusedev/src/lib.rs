@@ -11,4 +11,5 @@ pub mod devices;
 pub mod frontend;
 pub mod fuse;
 pub mod profile;
+pub mod reply;
 pub mod wait;

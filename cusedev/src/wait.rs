@@ -2,7 +2,9 @@
 //!
 //! A kernel driver keeps its state under a lock and sleeps on a wait queue until a condition
 //! holds or a signal arrives. Here the "signal" is a FUSE_INTERRUPT from the kernel for the
-//! request being served, delivered through the request's [`Interrupt`].
+//! request being served, delivered through the request's [`Interrupt`]. Device calls do not
+//! sleep on threads any more (they park their reply, [`crate::reply`]); [`WaitState`] remains the
+//! driver lock and the wait queue of the work items (timers, removal) that do run on threads.
 //!
 //! [`WaitState`] is the lock and the wait queue in one: a `Mutex<T>` plus a `Condvar` plus the
 //! poll registrations that a wake-up must also reach (`wake_up_interruptible` wakes both
@@ -20,11 +22,16 @@ trait Kick: Send + Sync {
     fn kick(&self);
 }
 
+/// What firing an interrupt runs: answering a parked request with EINTR.
+type FireHook = Box<dyn FnOnce() + Send>;
+
 #[derive(Default)]
 struct InterruptInner {
     fired: AtomicBool,
     /// The wait queue the request is sleeping on right now, if any.
     sleeping_on: Mutex<Option<Arc<dyn Kick>>>,
+    /// Run once when the interrupt fires (a request parked interruptibly, crate::reply).
+    hook: Mutex<Option<FireHook>>,
 }
 
 /// The "signal pending" flag of one request.
@@ -66,6 +73,26 @@ impl Interrupt {
         if let Some(queue) = sleeper {
             queue.kick();
         }
+        let hook = self.0.hook.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(hook) = hook {
+            hook();
+        }
+    }
+
+    /// Arranges for `hook` to run when the interrupt fires. Returns false, having run `hook`
+    /// already, when it has fired before: the caller must treat its request as interrupted.
+    /// One hook at a time (one request, one park): a second replaces the first.
+    pub fn on_fire(&self, hook: FireHook) -> bool {
+        let mut slot = self.0.hook.lock().unwrap_or_else(|e| e.into_inner());
+        // Checked under the hook lock, and fire() sets the flag before it takes the lock:
+        // either fire() finds the hook installed here, or we see the flag and run it.
+        if self.is_fired() {
+            drop(slot);
+            hook();
+            return false;
+        }
+        *slot = Some(hook);
+        true
     }
 
     fn set_sleeping_on(&self, queue: Option<Arc<dyn Kick>>) {

@@ -22,7 +22,8 @@ use std::thread;
 use std::time::Duration;
 
 use cusedev::device::{
-    poll_bits, Caller, Device, Errno, Handle, IoctlCall, IoctlOutcome, IoctlReply, PollWaker,
+    poll_bits, Caller, Device, Errno, Handle, IoctlAnswer, IoctlCall, IoctlReply, PollWaker,
+    ReadReply, WaitList, WriteReply,
 };
 use cusedev::fuse::{FrontendError, FuseFrontend};
 use cusedev::wait::WaitState;
@@ -52,6 +53,8 @@ struct MailboxState {
     queued: VecDeque<u8>,
     last_write_offset: Option<u64>,
     last_read_offset: Option<u64>,
+    /// Reads waiting for bytes, with their counts.
+    readers: WaitList<u32, Vec<u8>>,
 }
 
 /// A single-open device: write queues bytes and wakes readers; read sleeps (interruptibly)
@@ -89,23 +92,16 @@ impl Device for Mailbox {
         Ok(1)
     }
 
-    fn read(
-        &self,
-        _handle: Handle,
-        count: u32,
-        offset: u64,
-        caller: &Caller,
-    ) -> Result<Vec<u8>, Errno> {
+    fn read(&self, _handle: Handle, count: u32, offset: u64, _caller: &Caller, reply: ReadReply) {
         let mut state = self.state.lock();
-        if state.queued.is_empty() {
-            let _ = self.events.send(Event::ReaderSleeping);
-        }
-        state = self
-            .state
-            .wait_interruptible(state, &caller.interrupt, |s| !s.queued.is_empty())?;
         state.last_read_offset = Some(offset);
+        if state.queued.is_empty() {
+            state.readers.park_interruptible(count, reply);
+            let _ = self.events.send(Event::ReaderSleeping);
+            return;
+        }
         let n = state.queued.len().min(count as usize);
-        Ok(state.queued.drain(..n).collect())
+        reply.ok(state.queued.drain(..n).collect());
     }
 
     fn write(
@@ -114,13 +110,22 @@ impl Device for Mailbox {
         data: &[u8],
         offset: u64,
         _caller: &Caller,
-    ) -> Result<u32, Errno> {
+        reply: WriteReply,
+    ) {
         let mut state = self.state.lock();
         state.queued.extend(data);
         state.last_write_offset = Some(offset);
+        // Sleepers take what they have room for, in the order they went to sleep.
+        while !state.queued.is_empty() {
+            let Some((count, sleeper)) = state.readers.wake_one() else {
+                break;
+            };
+            let n = state.queued.len().min(count as usize);
+            sleeper.ok(state.queued.drain(..n).collect());
+        }
         drop(state);
         self.state.wake_all();
-        Ok(data.len() as u32)
+        reply.ok(data.len() as u32);
     }
 
     fn poll(&self, _handle: Handle, waker: Option<PollWaker>) -> u32 {
@@ -155,21 +160,16 @@ impl Device for Echo {
         Ok(7)
     }
 
-    fn ioctl(
-        &self,
-        _handle: Handle,
-        call: &IoctlCall<'_>,
-        _caller: &Caller,
-    ) -> Result<IoctlOutcome, Errno> {
+    fn ioctl(&self, _handle: Handle, call: &IoctlCall<'_>, _caller: &Caller, reply: IoctlAnswer) {
         if call.cmd != ECHO_REVERSE {
-            return Err(Errno::ENOTTY);
+            return reply.err(Errno::ENOTTY);
         }
         assert_eq!(call.out_size, 8);
-        Ok(IoctlReply {
+        reply.ok(IoctlReply {
             result: 42,
             out: call.input.iter().rev().copied().collect(),
         }
-        .into())
+        .into());
     }
 }
 

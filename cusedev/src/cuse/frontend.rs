@@ -22,7 +22,9 @@ use std::time::Duration;
 use super::error::CuseError;
 use super::handler::CuseHandler;
 use super::node;
-use crate::device::{Caller, Device, Errno, Handle, IoctlCall, IoctlOutcome, PollWaker};
+use crate::device::{
+    Caller, Device, Errno, Handle, IoctlAnswer, IoctlCall, PollWaker, ReadReply, WriteReply,
+};
 use crate::fuse::dir::check_leaf;
 use crate::fuse::Session;
 
@@ -317,33 +319,16 @@ impl Device for TrackedDevice {
         Ok(handle)
     }
 
-    fn read(
-        &self,
-        handle: Handle,
-        count: u32,
-        offset: u64,
-        caller: &Caller,
-    ) -> Result<Vec<u8>, Errno> {
-        self.inner.read(handle, count, offset, caller)
+    fn read(&self, handle: Handle, count: u32, offset: u64, caller: &Caller, reply: ReadReply) {
+        self.inner.read(handle, count, offset, caller, reply)
     }
 
-    fn write(
-        &self,
-        handle: Handle,
-        data: &[u8],
-        offset: u64,
-        caller: &Caller,
-    ) -> Result<u32, Errno> {
-        self.inner.write(handle, data, offset, caller)
+    fn write(&self, handle: Handle, data: &[u8], offset: u64, caller: &Caller, reply: WriteReply) {
+        self.inner.write(handle, data, offset, caller, reply)
     }
 
-    fn ioctl(
-        &self,
-        handle: Handle,
-        call: &IoctlCall<'_>,
-        caller: &Caller,
-    ) -> Result<IoctlOutcome, Errno> {
-        self.inner.ioctl(handle, call, caller)
+    fn ioctl(&self, handle: Handle, call: &IoctlCall<'_>, caller: &Caller, reply: IoctlAnswer) {
+        self.inner.ioctl(handle, call, caller, reply)
     }
 
     fn poll(&self, handle: Handle, waker: Option<PollWaker>) -> u32 {

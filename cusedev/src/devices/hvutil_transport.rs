@@ -29,11 +29,19 @@
 //! the service's own work items (channel callback, timeout) take too. The service callbacks
 //! run under it and may queue a message ([`Transport::send`]), arm or cancel a work item and
 //! send on the channel, but must never block.
+//!
+//! Sleeping readers are parked replies in a [`WaitList`], not threads. `wake_up_interruptible`
+//! in `hvutil_transport_send()` becomes "serve the parked readers", done when whoever queued
+//! the message lets go of the driver lock ([`Locked`]'s drop): the reader runs after the waker
+//! in the kernel too, and the message's on-read callback needs the service, which the sender
+//! may be in the middle of. Readers are served in the order they went to sleep, one message
+//! each; a reader whose buffer is too small gets EINVAL and the next one is tried.
 
+use std::ops::{Deref, DerefMut};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, MutexGuard};
 
-use crate::device::{poll_bits, Caller, Errno, Handle, PollWaker};
+use crate::device::{poll_bits, Errno, Handle, PollWaker, ReadReply, WaitList};
 use crate::wait::WaitState;
 
 /// `KMALLOC_MAX_SIZE` on x86_64 6.1 (`1 << (MAX_ORDER + PAGE_SHIFT - 1)` = 4 MiB): the largest
@@ -101,13 +109,10 @@ pub struct Transport<S> {
     destroy_waiting: bool,
     /// The misc device is deregistered: a stale node opens with ENODEV (drivers/char/misc.c).
     deregistered: bool,
-    /// Readers inside the interruptible wait (test visibility).
-    sleeping_readers: usize,
-    /// Test hook: readers stop between their wait and re-taking the lock.
-    #[cfg(test)]
-    hold_after_wait: bool,
-    #[cfg(test)]
-    held_after_wait: usize,
+    /// Readers inside the interruptible wait, with the size of their buffers.
+    readers: WaitList<u32, Vec<u8>>,
+    /// The wait condition may have become true: serve the readers when the lock is let go.
+    readers_to_wake: bool,
 }
 
 impl<S> Transport<S> {
@@ -120,11 +125,8 @@ impl<S> Transport<S> {
             release_done: false,
             destroy_waiting: false,
             deregistered: false,
-            sleeping_readers: 0,
-            #[cfg(test)]
-            hold_after_wait: false,
-            #[cfg(test)]
-            held_after_wait: 0,
+            readers: WaitList::new(),
+            readers_to_wake: false,
         }
     }
 
@@ -138,10 +140,18 @@ impl<S> Transport<S> {
         self.outmsg.is_some()
     }
 
-    fn wake(&self) {
+    /// `wake_up_interruptible(&hvt->outmsg_q)`: pollers now, parked readers when the driver
+    /// lock is let go.
+    fn wake(&mut self) {
+        self.readers_to_wake = true;
         if let Some(wake) = &self.wake {
             wake();
         }
+    }
+
+    /// The condition of hvt_op_read's `wait_event_interruptible`.
+    fn read_can_go_on(&self) -> bool {
+        self.outmsg.as_ref().is_some_and(|m| !m.is_empty()) || self.mode != Mode::Chardev
     }
 
     /// `hvutil_transport_send()`: queues `msg` for the daemon and wakes readers and pollers.
@@ -212,13 +222,16 @@ impl<S: HvutilService> HvutilTransport<S> {
     }
 
     /// Takes the driver lock: the service's channel callback and work items run under it.
-    pub fn lock(&self) -> MutexGuard<'_, Shared<S>> {
-        self.ws.lock()
+    /// Readers a message was queued for are served when it is let go.
+    pub fn lock(&self) -> Locked<'_, S> {
+        Locked {
+            guard: self.ws.lock(),
+        }
     }
 
     /// `hvt_op_open`.
     pub fn open(&self) -> Result<Handle, Errno> {
-        let mut guard = self.ws.lock();
+        let mut guard = self.lock();
         let shared = &mut *guard;
         if shared.hvt.deregistered {
             // misc_deregister() has run: misc_open() finds no such minor.
@@ -239,57 +252,20 @@ impl<S: HvutilService> HvutilTransport<S> {
         Ok(self.next_handle.fetch_add(1, Ordering::Relaxed))
     }
 
-    /// `hvt_op_read`. Blocks (interruptibly) until a message is queued or the device leaves
-    /// CHARDEV mode, whatever `O_NONBLOCK` says; the offset is ignored.
-    pub fn read(&self, _handle: Handle, count: u32, caller: &Caller) -> Result<Vec<u8>, Errno> {
-        let mut guard = self.ws.lock();
-        guard.hvt.sleeping_readers += 1;
-        let waited = self.ws.wait_interruptible(guard, &caller.interrupt, |s| {
-            s.hvt.outmsg.as_ref().is_some_and(|m| !m.is_empty()) || s.hvt.mode != Mode::Chardev
-        });
-        match waited {
-            Ok(mut guard) => guard.hvt.sleeping_readers -= 1,
-            Err(errno) => {
-                self.ws.lock().hvt.sleeping_readers -= 1;
-                // The kernel returns -EINTR itself, not -ERESTARTSYS: SA_RESTART does not
-                // restart this read (hv_utils_transport.c).
-                return Err(errno);
-            }
+    /// `hvt_op_read`. Waits (interruptibly) until a message is queued or the device leaves
+    /// CHARDEV mode, whatever `O_NONBLOCK` says; the offset is ignored. The wait parks the
+    /// reply; the read completes when a message comes ([`Locked`]).
+    pub fn read(&self, _handle: Handle, count: u32, reply: ReadReply) {
+        let mut guard = self.lock();
+        if guard.hvt.read_can_go_on() {
+            let result = read_message(&mut guard, count);
+            drop(guard);
+            reply.answer(result);
+        } else {
+            // The kernel returns -EINTR itself on a signal, not -ERESTARTSYS: SA_RESTART does
+            // not restart this read (hv_utils_transport.c).
+            guard.hvt.readers.park_interruptible(count, reply);
         }
-        // The kernel checks the wait condition without hvt->lock and only then takes the
-        // mutex; between the two another reader of the same file may take the message, which
-        // is what the EAGAIN below is for. The lock is dropped here to keep that gap.
-        #[cfg(test)]
-        {
-            let guard = self.ws.lock();
-            if guard.hvt.hold_after_wait {
-                let mut guard = guard;
-                guard.hvt.held_after_wait += 1;
-                self.ws.wake_all();
-                let (mut guard, _) = self.ws.wait_until(guard, None, |s| !s.hvt.hold_after_wait);
-                guard.hvt.held_after_wait -= 1;
-            }
-        }
-        let mut guard = self.ws.lock();
-        let shared = &mut *guard;
-        if shared.hvt.mode == Mode::Destroy {
-            return Err(Errno::EBADF);
-        }
-        let Some(len) = shared.hvt.outmsg.as_ref().map(Vec::len) else {
-            return Err(Errno::EAGAIN);
-        };
-        if (count as usize) < len {
-            // Too small a buffer: EINVAL, and the message stays queued for the next read.
-            return Err(Errno::EINVAL);
-        }
-        let msg = shared.hvt.outmsg.take().unwrap_or_default();
-        // If copying to the caller faults (EFAULT, in the frontend/kernel), the message is
-        // gone anyway and the on-read callback has run: the same as the kernel, which frees
-        // the message and calls on_read whether copy_to_user() worked or not.
-        if let Some(on_read) = shared.hvt.on_read.take() {
-            on_read(&mut shared.svc);
-        }
-        Ok(msg)
     }
 
     /// `hvt_op_write`: the whole buffer goes to the service's `on_msg`; the offset is ignored.
@@ -299,7 +275,7 @@ impl<S: HvutilService> HvutilTransport<S> {
         if data.len() > KMALLOC_MAX_SIZE {
             return Err(Errno::ENOMEM);
         }
-        let mut guard = self.ws.lock();
+        let mut guard = self.lock();
         let shared = &mut *guard;
         if shared.hvt.mode == Mode::Destroy {
             return Err(Errno::EBADF);
@@ -328,7 +304,7 @@ impl<S: HvutilService> HvutilTransport<S> {
     /// `hvt_op_release`: back to INIT (unless being destroyed), drop the unread message, tell
     /// the service, and let a waiting destroyer go on.
     pub fn release(&self, _handle: Handle) {
-        let mut guard = self.ws.lock();
+        let mut guard = self.lock();
         let shared = &mut *guard;
         let mode_old = shared.hvt.mode;
         if mode_old != Mode::Destroy {
@@ -350,6 +326,8 @@ impl<S: HvutilService> HvutilTransport<S> {
         let mut guard = self.ws.lock();
         let mode_old = guard.hvt.mode;
         guard.hvt.mode = Mode::Destroy;
+        // Parked readers get EBADF now: nothing they wait for can come any more.
+        wake_readers(&mut guard);
         self.ws.wake_all();
         if mode_old == Mode::Chardev {
             // wait_for_completion(&hvt->release): uninterruptible, as long as the daemon
@@ -363,10 +341,10 @@ impl<S: HvutilService> HvutilTransport<S> {
         guard.hvt.drop_message();
     }
 
-    /// Test visibility: readers blocked in `read`.
+    /// Test visibility: readers waiting in `read`.
     #[cfg(test)]
     pub(crate) fn sleeping_readers(&self) -> usize {
-        self.ws.lock().hvt.sleeping_readers
+        self.ws.lock().hvt.readers.waiting()
     }
 
     /// Test visibility: a `destroy` is waiting for the daemon to close.
@@ -374,6 +352,72 @@ impl<S: HvutilService> HvutilTransport<S> {
     pub(crate) fn destroy_waiting(&self) -> bool {
         self.ws.lock().hvt.destroy_waiting
     }
+}
+
+/// The driver lock, held. Letting it go serves the readers a message was queued for (or the
+/// device's removal woke), as the kernel's woken readers run once the waker is done.
+pub struct Locked<'a, S: HvutilService> {
+    guard: MutexGuard<'a, Shared<S>>,
+}
+
+impl<S: HvutilService> Deref for Locked<'_, S> {
+    type Target = Shared<S>;
+    fn deref(&self) -> &Shared<S> {
+        &self.guard
+    }
+}
+
+impl<S: HvutilService> DerefMut for Locked<'_, S> {
+    fn deref_mut(&mut self) -> &mut Shared<S> {
+        &mut self.guard
+    }
+}
+
+impl<S: HvutilService> Drop for Locked<'_, S> {
+    fn drop(&mut self) {
+        if self.guard.hvt.readers_to_wake {
+            wake_readers(&mut self.guard);
+        }
+    }
+}
+
+/// Serves parked readers for as long as the wait condition holds: each takes what
+/// `hvt_op_read` would give it after its wait.
+fn wake_readers<S: HvutilService>(shared: &mut Shared<S>) {
+    shared.hvt.readers_to_wake = false;
+    while shared.hvt.read_can_go_on() {
+        let Some((count, reply)) = shared.hvt.readers.wake_one() else {
+            break;
+        };
+        let result = read_message(shared, count);
+        reply.answer(result);
+    }
+}
+
+/// The part of `hvt_op_read` after the wait, under `hvt->lock`.
+fn read_message<S: HvutilService>(shared: &mut Shared<S>, count: u32) -> Result<Vec<u8>, Errno> {
+    if shared.hvt.mode == Mode::Destroy {
+        return Err(Errno::EBADF);
+    }
+    // In the kernel the wait condition is checked without hvt->lock; a second reader of the
+    // same file woken by the same message can find it gone and gets EAGAIN. Parked readers
+    // are served one message at a time, so here the second keeps waiting instead, which is
+    // the kernel's other possible outcome of that race (docs/decisions.md).
+    let Some(len) = shared.hvt.outmsg.as_ref().map(Vec::len) else {
+        return Err(Errno::EAGAIN);
+    };
+    if (count as usize) < len {
+        // Too small a buffer: EINVAL, and the message stays queued for the next read.
+        return Err(Errno::EINVAL);
+    }
+    let msg = shared.hvt.outmsg.take().unwrap_or_default();
+    // If copying to the caller faults (EFAULT, in the frontend/kernel), the message is gone
+    // anyway and the on-read callback has run: the same as the kernel, which frees the
+    // message and calls on_read whether copy_to_user() worked or not.
+    if let Some(on_read) = shared.hvt.on_read.take() {
+        on_read(&mut shared.svc);
+    }
+    Ok(msg)
 }
 
 impl<S> std::fmt::Debug for HvutilTransport<S> {
@@ -399,7 +443,9 @@ pub(crate) fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::device::Caller;
     use crate::device::PollNotify;
+    use crate::reply::testing::answer_of;
     use std::sync::atomic::AtomicUsize;
     use std::sync::Mutex;
     use std::thread;
@@ -445,6 +491,11 @@ mod tests {
         Caller::detached(100)
     }
 
+    /// A read that waits for its answer.
+    fn read(hvt: &Hvt, h: Handle, count: u32, caller: &Caller) -> Result<Vec<u8>, Errno> {
+        answer_of(&caller.interrupt, |reply| hvt.read(h, count, reply))
+    }
+
     fn send(hvt: &Hvt, msg: &[u8]) -> Result<(), Errno> {
         hvt.lock().hvt.send(msg, None)
     }
@@ -459,7 +510,7 @@ mod tests {
         let reader = {
             let hvt = hvt.clone();
             let caller = caller.clone();
-            thread::spawn(move || hvt.read(1, count, &caller))
+            thread::spawn(move || read(&hvt, 1, count, &caller))
         };
         wait_for("the reader to sleep", || hvt.sleeping_readers() > before);
         reader
@@ -558,7 +609,7 @@ mod tests {
         assert_eq!(reader.join().unwrap(), Err(Errno::EINTR));
         // Nothing was consumed: a message queued now is read normally.
         send(&hvt, b"abcd").unwrap();
-        assert_eq!(hvt.read(h, 100, &Caller::detached(1)).unwrap(), b"abcd");
+        assert_eq!(read(&hvt, h, 100, &Caller::detached(1)).unwrap(), b"abcd");
     }
 
     #[test]
@@ -575,27 +626,32 @@ mod tests {
     }
 
     #[test]
-    fn read_woken_without_message_returns_eagain() {
-        // Two readers of one file: both are woken for one message; the one that takes the
-        // mutex second finds the slot empty (hv_utils_transport.c checks the wait condition
-        // without the mutex). The hold hook stops readers inside that gap.
+    fn two_sleeping_readers_and_one_message_the_first_gets_it_the_second_sleeps_on() {
+        // Two readers of one file: in the kernel both are woken and the second may find the
+        // slot empty (EAGAIN) or go back to sleep, depending on the race; parked readers are
+        // served one message at a time, so the second sleeps on (docs/decisions.md).
         let hvt = transport();
         let h = hvt.open().unwrap();
-        hvt.lock().hvt.hold_after_wait = true;
         let first = blocked_read(&hvt, 100, &caller());
+        let second_caller = caller();
+        let second = blocked_read(&hvt, 100, &second_caller);
         send(&hvt, b"only one").unwrap();
-        wait_for("the reader to pass its wait", || {
-            hvt.lock().hvt.held_after_wait == 1
-        });
-        // Meanwhile another reader of the same file takes the message.
-        {
-            let mut g = hvt.lock();
-            g.hvt.hold_after_wait = false;
-            g.hvt.outmsg.take();
-        }
-        // (wake the held reader: it waits on the driver's queue)
-        hvt.ws.wake_all();
-        assert_eq!(first.join().unwrap(), Err(Errno::EAGAIN));
+        assert_eq!(first.join().unwrap().unwrap(), b"only one");
+        assert_eq!(hvt.sleeping_readers(), 1);
+        send(&hvt, b"the next").unwrap();
+        assert_eq!(second.join().unwrap().unwrap(), b"the next");
+        let _ = h;
+    }
+
+    #[test]
+    fn a_sleeper_with_a_small_buffer_gets_einval_and_the_next_gets_the_message() {
+        let hvt = transport();
+        let h = hvt.open().unwrap();
+        let small = blocked_read(&hvt, 4, &caller());
+        let large = blocked_read(&hvt, 100, &caller());
+        send(&hvt, b"too long for four").unwrap();
+        assert_eq!(small.join().unwrap(), Err(Errno::EINVAL));
+        assert_eq!(large.join().unwrap().unwrap(), b"too long for four");
         let _ = h;
     }
 
@@ -604,9 +660,9 @@ mod tests {
         let hvt = transport();
         let h = hvt.open().unwrap();
         send(&hvt, &[7; 10]).unwrap();
-        assert_eq!(hvt.read(h, 9, &caller()), Err(Errno::EINVAL));
+        assert_eq!(read(&hvt, h, 9, &caller()), Err(Errno::EINVAL));
         assert!(hvt.lock().hvt.has_message());
-        assert_eq!(hvt.read(h, 10, &caller()).unwrap(), vec![7; 10]);
+        assert_eq!(read(&hvt, h, 10, &caller()).unwrap(), vec![7; 10]);
     }
 
     #[test]
@@ -615,7 +671,7 @@ mod tests {
         let h = hvt.open().unwrap();
         hvt.lock().svc.echo = true;
         assert_eq!(hvt.write(h, b"ping"), Ok(4));
-        assert_eq!(hvt.read(h, 4096, &caller()).unwrap(), b"ping");
+        assert_eq!(read(&hvt, h, 4096, &caller()).unwrap(), b"ping");
         {
             let g = hvt.lock();
             assert!(!g.hvt.has_message());
@@ -623,7 +679,7 @@ mod tests {
         }
         // A message queued without a callback does not run the old one again.
         send(&hvt, b"pong").unwrap();
-        assert_eq!(hvt.read(h, 4096, &caller()).unwrap(), b"pong");
+        assert_eq!(read(&hvt, h, 4096, &caller()).unwrap(), b"pong");
         assert_eq!(hvt.lock().svc.reads_seen, 1);
     }
 
@@ -711,7 +767,7 @@ mod tests {
         assert_eq!(hvt.poll(h, Some(PollWaker(notify.clone()))), 0);
         send(&hvt, b"abcd").unwrap();
         assert_eq!(notify.0.load(Ordering::SeqCst), 1);
-        hvt.read(h, 4, &caller()).unwrap();
+        read(&hvt, h, 4, &caller()).unwrap();
         assert_eq!(hvt.poll(h, Some(PollWaker(notify.clone()))), 0);
         let destroyer = destroy_waiting_for_close(&hvt);
         assert_eq!(notify.0.load(Ordering::SeqCst), 2);

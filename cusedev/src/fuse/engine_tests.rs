@@ -6,9 +6,10 @@
 //! The handler is a single-device personality with no directory at all (nodeid 0 opens the
 //! device, as under CUSE): the engine must not care.
 //!
-//! "No reply" is checked without sleeping: requests handled in the reader thread are answered
-//! in order, so after a request that must not be answered we send one that must, and the
-//! next reply has to be for that one.
+//! "No reply" is checked without sleeping: with one reader thread, requests are answered in
+//! the order they are read, so after a request that must not be answered we send one that
+//! must, and the next reply has to be for that one. Tests of what several readers do start
+//! the session with [`MAX_READERS`].
 
 use std::collections::VecDeque;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
@@ -23,9 +24,10 @@ use zerocopy::IntoBytes;
 
 use super::abi::*;
 use super::init::fuse_init_reply;
-use super::session::{Reply, Request, RequestHandler, Session};
+use super::session::{Reply, Request, RequestHandler, Session, MAX_READERS};
 use crate::device::{
-    poll_bits, Caller, Device, Handle, IoctlCall, IoctlOutcome, IoctlReply, PollWaker, UserBuffer,
+    poll_bits, Caller, Device, Handle, IoctlAnswer, IoctlCall, IoctlOutcome, IoctlReply, PollWaker,
+    ReadReply, UserBuffer, WaitList, WriteReply,
 };
 use crate::wait::WaitState;
 
@@ -42,6 +44,8 @@ struct PipeState {
     last_caller: Option<(u32, u32, u32)>,
     /// Make the next open or read panic (a device model bug).
     panic_next: bool,
+    /// Reads waiting for data, with their counts.
+    readers: WaitList<u32, Vec<u8>>,
 }
 
 /// Single-open; read sleeps until data; poll registers its waker.
@@ -68,13 +72,7 @@ impl Device for Pipe {
         Ok(99)
     }
 
-    fn read(
-        &self,
-        handle: Handle,
-        count: u32,
-        _offset: u64,
-        caller: &Caller,
-    ) -> Result<Vec<u8>, Errno> {
+    fn read(&self, handle: Handle, count: u32, _offset: u64, caller: &Caller, reply: ReadReply) {
         assert_eq!(handle, 99);
         let mut state = self.state.lock();
         if std::mem::take(&mut state.panic_next) {
@@ -83,13 +81,12 @@ impl Device for Pipe {
         }
         state.last_caller = Some((caller.pid, caller.uid, caller.gid));
         if state.queued.is_empty() {
+            state.readers.park_interruptible(count, reply);
             let _ = self.events.lock().unwrap().send(Event::ReaderSleeping);
+            return;
         }
-        state = self
-            .state
-            .wait_interruptible(state, &caller.interrupt, |s| !s.queued.is_empty())?;
         let n = state.queued.len().min(count as usize);
-        Ok(state.queued.drain(..n).collect())
+        reply.ok(state.queued.drain(..n).collect());
     }
 
     fn write(
@@ -98,13 +95,22 @@ impl Device for Pipe {
         data: &[u8],
         _offset: u64,
         caller: &Caller,
-    ) -> Result<u32, Errno> {
+        reply: WriteReply,
+    ) {
         let mut state = self.state.lock();
         state.last_caller = Some((caller.pid, caller.uid, caller.gid));
         state.queued.extend(data);
+        // Each sleeper takes what it has room for, in the order they went to sleep.
+        while !state.queued.is_empty() {
+            let Some((count, sleeper)) = state.readers.wake_one() else {
+                break;
+            };
+            let n = state.queued.len().min(count as usize);
+            sleeper.ok(state.queued.drain(..n).collect());
+        }
         drop(state);
         self.state.wake_all();
-        Ok(data.len() as u32)
+        reply.ok(data.len() as u32);
     }
 
     fn poll(&self, _handle: Handle, waker: Option<PollWaker>) -> u32 {
@@ -170,7 +176,16 @@ impl FakeKernel {
         FakeKernel::start_serving(Some(device))
     }
 
+    /// A fake kernel served by up to [`MAX_READERS`] reader threads.
+    fn start_with_readers() -> FakeKernel {
+        FakeKernel::start_serving_with(None, MAX_READERS)
+    }
+
     fn start_serving(device: Option<Arc<dyn Device>>) -> FakeKernel {
+        FakeKernel::start_serving_with(device, 1)
+    }
+
+    fn start_serving_with(device: Option<Arc<dyn Device>>, readers: usize) -> FakeKernel {
         let (kernel_end, server_end) = socketpair(
             AddressFamily::Unix,
             SockType::SeqPacket,
@@ -184,7 +199,9 @@ impl FakeKernel {
             events: Mutex::new(tx),
         });
         let device = device.unwrap_or_else(|| pipe.clone());
-        let session = Session::start(server_end, Arc::new(OneDevice(device)), "fake").unwrap();
+        let session =
+            Session::start_with_readers(server_end, Arc::new(OneDevice(device)), "fake", readers)
+                .unwrap();
         FakeKernel {
             sock: kernel_end,
             session,
@@ -374,19 +391,28 @@ fn file_ops_on_an_unknown_fh_are_ebadf() {
 }
 
 #[test]
-fn interrupt_and_forget_are_never_answered() {
+fn forget_and_malformed_interrupts_are_never_answered() {
     let kernel = FakeKernel::start();
     kernel.init();
-    kernel.send(
-        Opcode::INTERRUPT,
-        2,
-        0,
-        InterruptIn { unique: 999 }.as_bytes(),
-    );
     kernel.send(Opcode::INTERRUPT, 3, 0, b"x");
     kernel.send(Opcode::FORGET, 4, 5, ForgetIn { nlookup: 1 }.as_bytes());
     kernel.send(Opcode::BATCH_FORGET, 5, 0, b"");
     kernel.barrier(6);
+}
+
+#[test]
+fn interrupt_for_a_request_not_in_flight_is_answered_eagain() {
+    // fs/fuse/dev.c: EAGAIN queues the INTERRUPT again if its request still waits (it may be
+    // on its way through another reader); for one answered already the kernel drops it.
+    let kernel = FakeKernel::start();
+    kernel.init();
+    kernel.send(
+        Opcode::INTERRUPT,
+        2 | 1,
+        0,
+        InterruptIn { unique: 999 }.as_bytes(),
+    );
+    kernel.expect_error(2 | 1, Errno::EAGAIN);
 }
 
 #[test]
@@ -427,14 +453,14 @@ fn interrupt_ends_a_sleeping_read_with_eintr_and_a_write_still_flows() {
         Some((4242, 1000, 100))
     );
 
-    // An interrupt for the finished request is ignored.
+    // An interrupt for the finished request gets EAGAIN, which the kernel drops.
     kernel.send(
         Opcode::INTERRUPT,
         14 | 1,
         0,
         InterruptIn { unique: 10 }.as_bytes(),
     );
-    kernel.barrier(15);
+    kernel.expect_error(14 | 1, Errno::EAGAIN);
 }
 
 #[test]
@@ -453,6 +479,118 @@ fn release_is_served_before_the_open_that_follows_it() {
     kernel.send(Opcode::OPEN, 5, 0, OpenIn::default().as_bytes());
     kernel.expect_ok(4);
     kernel.expect_ok(5);
+}
+
+/// close(2) on a FUSE mount: FLUSH (answered before close returns), then RELEASE queued
+/// without waiting, then the daemon's next OPEN right behind it. With several readers the OPEN
+/// may be served first; it must still not see EBUSY.
+#[test]
+fn close_then_open_never_sees_ebusy_with_several_readers() {
+    let kernel = FakeKernel::start_with_readers();
+    kernel.init();
+    let mut unique = 2;
+    let mut fh = kernel.open(unique);
+    for _ in 0..500 {
+        let flush = FlushIn {
+            fh,
+            ..FlushIn::default()
+        };
+        kernel.send(Opcode::FLUSH, unique + 2, 0, flush.as_bytes());
+        kernel.expect_ok(unique + 2);
+        let release = ReleaseIn {
+            fh,
+            ..ReleaseIn::default()
+        };
+        kernel.send(Opcode::RELEASE, unique + 4, 0, release.as_bytes());
+        kernel.send(Opcode::OPEN, unique + 6, 0, OpenIn::default().as_bytes());
+        let mut replies = [kernel.recv(), kernel.recv()];
+        replies.sort_by_key(|reply| reply.0);
+        assert_eq!((replies[0].0, replies[0].1), (unique + 4, 0));
+        assert_eq!(
+            (replies[1].0, replies[1].1),
+            (unique + 6, 0),
+            "OPEN after close: {:?}",
+            Errno::from_raw(-replies[1].1)
+        );
+        fh = parse::<OpenOut>(&replies[1].2).unwrap().0.fh;
+        unique += 6;
+    }
+}
+
+/// An open file that was flushed once but is still open through a dup keeps its device
+/// busy: the EBUSY stands (after the engine has looked for a RELEASE that never comes).
+#[test]
+fn open_while_a_dup_of_a_closed_fd_is_still_open_is_ebusy() {
+    let kernel = FakeKernel::start_with_readers();
+    kernel.init();
+    let fh = kernel.open(2);
+    let flush = FlushIn {
+        fh,
+        ..FlushIn::default()
+    };
+    kernel.send(Opcode::FLUSH, 4, 0, flush.as_bytes());
+    kernel.expect_ok(4);
+    kernel.send(Opcode::OPEN, 6, 0, OpenIn::default().as_bytes());
+    kernel.expect_error(6, Errno::EBUSY);
+    // A request on the file shows it is alive: no more waiting for its RELEASE.
+    kernel.write_request(8, fh, b"x");
+    kernel.expect_ok(8);
+    kernel.send(Opcode::OPEN, 10, 0, OpenIn::default().as_bytes());
+    kernel.expect_error(10, Errno::EBUSY);
+}
+
+/// Ten thousand reads asleep in a device cost the session no more threads than one, and one
+/// write wakes every one of them.
+#[test]
+fn ten_thousand_sleeping_reads_cost_no_threads_and_a_write_wakes_them_all() {
+    const SLEEPERS: u64 = 10_000;
+    let kernel = FakeKernel::start_with_readers();
+    kernel.init();
+    let fh = kernel.open(2);
+    kernel.read_request(4, fh, 1);
+    assert_eq!(
+        kernel.events.recv_timeout(LIMIT).unwrap(),
+        Event::ReaderSleeping
+    );
+    let threads_for_one = kernel.session.reader_threads();
+    for i in 1..SLEEPERS {
+        kernel.read_request(4 + 2 * i, fh, 1);
+    }
+    for _ in 1..SLEEPERS {
+        assert_eq!(
+            kernel.events.recv_timeout(LIMIT).unwrap(),
+            Event::ReaderSleeping
+        );
+    }
+    assert_eq!(
+        kernel.pipe.state.lock().readers.waiting(),
+        SLEEPERS as usize
+    );
+    // Readers are added only while every one of them is busy reading or serving, never for a
+    // sleeper: what the flood of READs cost is bounded by the cap, as one sleeper's is.
+    let threads_for_all = kernel.session.reader_threads();
+    assert!(
+        threads_for_one <= 2,
+        "{threads_for_one} readers for one sleeper"
+    );
+    assert!(
+        threads_for_all <= MAX_READERS,
+        "{threads_for_all} readers for {SLEEPERS} sleepers"
+    );
+
+    let data = vec![7u8; SLEEPERS as usize];
+    let write_unique = 4 + 2 * SLEEPERS;
+    kernel.write_request(write_unique, fh, &data);
+    let mut answered = std::collections::HashSet::new();
+    for _ in 0..=SLEEPERS {
+        let (unique, error, body) = kernel.recv();
+        assert_eq!(error, 0, "unique {unique}");
+        if unique != write_unique {
+            assert_eq!(body, vec![7]);
+        }
+        assert!(answered.insert(unique), "unique {unique} answered twice");
+    }
+    assert_eq!(answered.len() as u64, SLEEPERS + 1);
 }
 
 #[test]
@@ -574,21 +712,18 @@ impl Device for ScriptedIoctl {
         Ok(1)
     }
 
-    fn ioctl(
-        &self,
-        _handle: Handle,
-        call: &IoctlCall<'_>,
-        _caller: &Caller,
-    ) -> Result<IoctlOutcome, Errno> {
+    fn ioctl(&self, _handle: Handle, call: &IoctlCall<'_>, _caller: &Caller, reply: IoctlAnswer) {
         self.seen
             .lock()
             .unwrap()
             .push((call.input.to_vec(), call.out_size, call.unrestricted));
-        self.answers
-            .lock()
-            .unwrap()
-            .pop_front()
-            .ok_or(Errno::ENOTTY)
+        reply.answer(
+            self.answers
+                .lock()
+                .unwrap()
+                .pop_front()
+                .ok_or(Errno::ENOTTY),
+        );
     }
 }
 

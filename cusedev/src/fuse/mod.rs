@@ -3,7 +3,7 @@
 //! - [`abi`]: the wire structs of `/dev/fuse` and `/dev/cuse` (protocol 7.38).
 //! - [`channel`]: the open device descriptor: whole requests in, whole replies out.
 //! - [`init`]: the INIT handshake and the connection's limits.
-//! - [`session`]: the engine: a reader thread, a worker pool, file handles, interrupts, poll
+//! - [`session`]: the engine: reader threads, parked replies, file handles, interrupts, poll
 //!   notifications; it routes file operations to [`crate::device::Device`] and everything
 //!   else to a [`session::RequestHandler`].
 //! - [`dir`]: the FUSE personality, a directory of devices.
@@ -22,7 +22,6 @@ pub mod frontend;
 pub mod init;
 pub mod ioctl;
 pub mod mount;
-mod pool;
 pub mod session;
 
 pub use dir::DeviceDir;

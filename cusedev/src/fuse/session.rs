@@ -1,41 +1,55 @@
 //! The engine: one FUSE or CUSE connection, from the kernel's requests to device calls.
 //!
-//! A [`Session`] owns an open `/dev/fuse` (or `/dev/cuse`) descriptor and one reader thread.
-//! The reader takes requests off the descriptor one at a time and
+//! A [`Session`] owns an open `/dev/fuse` (or `/dev/cuse`) descriptor and a few reader threads,
+//! all blocked in `read(2)` on it at once, as libfuse's multi-threaded loop is: the kernel hands
+//! each request to one of them (its wait is exclusive), so a request costs one wake-up however
+//! many readers there are. A reader that takes the last idle place starts another, up to
+//! [`MAX_READERS`], so a slow call never keeps the next request from being read.
 //!
-//! - answers the file operations (OPEN, RELEASE, FLUSH, POLL) itself, in the order the kernel
-//!   sent them, by calling the [`Device`] behind the file handle;
-//! - hands READ, WRITE and IOCTL to a worker pool, because those may sleep inside the device
-//!   for as long as the kernel's driver would (a daemon's read(2) waiting for the host), and a
-//!   sleeping read must not keep a write from being served;
-//! - passes everything about names and nodes (LOOKUP, GETATTR, READDIR, FORGET, ...) and the
-//!   INIT handshake to a [`RequestHandler`]: the "personality" that says what the connection
+//! Each request is served on the thread that read it:
+//!
+//! - the file operations (OPEN, RELEASE, FLUSH, POLL) call the [`Device`] behind the handle;
+//! - READ, WRITE and IOCTL call the device with a [`Pending`] reply. A device that can answer
+//!   at once does so on this thread; one that must wait as the kernel's driver would (a
+//!   daemon's read(2) waiting for the host) parks the reply and returns, and whoever has the
+//!   answer later sends it. A sleeping request costs a table entry, not a thread: ten thousand
+//!   of them cost no more threads than one;
+//! - everything about names and nodes (LOOKUP, GETATTR, READDIR, FORGET, ...) and the INIT
+//!   handshake goes to a [`RequestHandler`]: the "personality" that says what the connection
 //!   looks like. A FUSE mount is a directory of devices ([`super::dir::DeviceDir`]); a CUSE
 //!   connection is one character device with no directory at all. The engine assumes neither.
 //!
-//! Order matters for the inline part. When a daemon calls close(2), the kernel queues RELEASE
-//! without waiting for it; if the daemon opens the device again at once, the OPEN is queued
-//! right behind it. Serving both in the reader thread, in order, means that OPEN sees the
-//! release done, as it would with the kernel's driver, instead of a spurious EBUSY from a
-//! single-open device.
+//! Order: with several readers, two requests read one after the other may be served in either
+//! order. Only one pair matters to a driver: close(2) on a FUSE mount queues RELEASE without
+//! waiting for it (FLUSH is the synchronous part of close), and a daemon that opens the device
+//! again at once queues OPEN right behind it. A single-open device would then see the OPEN
+//! first and answer EBUSY. So an OPEN that gets EBUSY while a file of the same device has been
+//! flushed and not yet released waits for that RELEASE (bounded by [`RELEASE_WAIT`]) and tries
+//! again; any later request on the flushed file shows it is still open (a dup), and the EBUSY
+//! stands. CUSE releases synchronously (fs/fuse/cuse.c, `cuse_release`), so there the question
+//! never comes up.
 //!
 //! Signals: when a process blocked in a request gets a signal, the kernel sends FUSE_INTERRUPT
-//! naming the request. Each request on the pool carries an [`Interrupt`] registered under its
-//! `unique` before it is dispatched; FUSE_INTERRUPT fires it, a device sleeping in
-//! `WaitState::wait_interruptible` returns EINTR, and the original request is answered -EINTR.
-//! The INTERRUPT request itself is never answered.
+//! naming the request. Each READ/WRITE/IOCTL carries an [`Interrupt`] registered under its
+//! `unique` before the device sees it; FUSE_INTERRUPT fires it, and a reply parked
+//! interruptibly is answered -EINTR. An INTERRUPT for a request no reader has registered yet
+//! (it is read by one thread while its request is still on its way through another) is
+//! answered EAGAIN, which makes the kernel queue it again (fs/fuse/dev.c, `fuse_dev_do_write`);
+//! one for a request already answered is dropped by the kernel the same way.
+//!
+//! Read next: [`crate::reply`] (parked replies), then [`super::dir`] or [`crate::cuse`].
 
 use std::collections::HashMap;
 use std::io;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::OwnedFd;
+use std::os::unix::thread::JoinHandleExt;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, Weak};
 use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
-use nix::fcntl::OFlag;
-use nix::poll::{PollFd, PollFlags, PollTimeout};
 use zerocopy::{Immutable, IntoBytes};
 
 use super::abi::{
@@ -45,12 +59,21 @@ use super::abi::{
 use super::channel::Channel;
 use super::init::{negotiate, REQUEST_BUFFER_SIZE};
 use super::ioctl;
-use super::pool::Pool;
-use crate::device::{Caller, Device, Handle, PollNotify, PollWaker};
+use crate::device::{Caller, Device, Handle, IoctlOutcome, Pending, PollNotify, PollWaker};
 use crate::wait::Interrupt;
 
-/// Most worker threads one session runs; beyond that, requests queue for a free worker.
-pub const MAX_WORKERS: usize = 64;
+/// Most reader threads one session runs. Readers only ever wait in `read(2)` on the device
+/// (sleeping requests are parked, not threads), so this bounds how many *slow* calls can run
+/// at once before the next request waits for one of them.
+pub const MAX_READERS: usize = 8;
+
+/// How long an OPEN that got EBUSY waits for the RELEASE of a file of the same device that was
+/// flushed (closed) just before it. Only a file that is still open through a dup of the closed
+/// descriptor, with nothing done on it since, makes an honest EBUSY wait this long.
+pub const RELEASE_WAIT: Duration = Duration::from_secs(1);
+
+/// How the engine tells the kernel "no such request any more" apart from other write errors.
+const FUSE_INT_REQ_BIT: u64 = 1;
 
 /// One request as the handler sees it: the header and the body after it (extensions removed).
 #[derive(Debug, Clone, Copy)]
@@ -89,8 +112,8 @@ impl From<Result<Vec<u8>, Errno>> for Reply {
 
 /// What a connection looks like, apart from its devices' file operations.
 ///
-/// All calls come from the session's reader thread, in the kernel's order, so an
-/// implementation may rely on, say, a LOOKUP being answered before the OPEN that follows it.
+/// Calls may come from several reader threads at once. Requests the kernel sends only after
+/// another's answer (the OPEN after its LOOKUP) still arrive in that order.
 pub trait RequestHandler: Send + Sync + 'static {
     /// FUSE_INIT or CUSE_INIT (`req.opcode` says which), after the engine has checked the
     /// major version; `minor` is the protocol minor both sides speak. The reply body is the
@@ -130,7 +153,19 @@ struct OpenFile {
     handle: Handle,
 }
 
-/// What the reader and the workers share.
+/// The reader threads of a session.
+#[derive(Default)]
+struct Readers {
+    /// Started and not yet finished.
+    running: usize,
+    /// Blocked in `read(2)` (or about to be) right now.
+    idle: usize,
+    handles: Vec<JoinHandle<()>>,
+    /// The session's last reader has wound it down.
+    wound_down: bool,
+}
+
+/// What the readers (and the replies parked in devices, weakly) share.
 struct Shared {
     label: String,
     channel: Arc<Channel>,
@@ -138,8 +173,20 @@ struct Shared {
     /// fh → open file. The fh is ours, handed to the kernel in the OPEN reply.
     files: Mutex<HashMap<u64, OpenFile>>,
     next_fh: AtomicU64,
-    /// unique → interrupt, for every request on the pool that has not been answered yet.
+    /// unique → interrupt, for every READ/WRITE/IOCTL that has not been answered yet.
     in_flight: Mutex<HashMap<u64, Interrupt>>,
+    /// Files flushed (closed once) and not released since, with their devices; see the module
+    /// docs on order. An entry goes only after the device has run its release.
+    flushed: Mutex<HashMap<u64, Arc<dyn Device>>>,
+    /// How many entries `flushed` has, so the hot path skips its lock when it is empty.
+    flushed_count: AtomicUsize,
+    /// Signalled at every RELEASE.
+    released: Condvar,
+    stopping: AtomicBool,
+    max_readers: usize,
+    readers: Mutex<Readers>,
+    /// Signalled when a reader finishes.
+    reader_done: Condvar,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -149,20 +196,30 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 /// A running connection. Dropping it stops it (see [`Session::stop`]).
 pub struct Session {
     label: String,
-    stop: Option<OwnedFd>,
-    reader: Option<JoinHandle<()>>,
+    shared: Option<Arc<Shared>>,
 }
 
 impl Session {
     /// Starts serving the connection on `fd` (an open `/dev/fuse` already mounted, or an open
-    /// `/dev/cuse`). `label` names the session in thread names and log lines (the mount path
-    /// or the device name).
+    /// `/dev/cuse`) with up to [`MAX_READERS`] reader threads. `label` names the session in
+    /// thread names and log lines (the mount path or the device name).
     pub fn start(
         fd: OwnedFd,
         handler: Arc<dyn RequestHandler>,
         label: &str,
     ) -> io::Result<Session> {
-        let (stop_rx, stop_tx) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
+        Session::start_with_readers(fd, handler, label, MAX_READERS)
+    }
+
+    /// Like [`Session::start`] with at most `max_readers` reader threads (at least one). With
+    /// one, requests are served strictly in the order they are read.
+    pub fn start_with_readers(
+        fd: OwnedFd,
+        handler: Arc<dyn RequestHandler>,
+        label: &str,
+        max_readers: usize,
+    ) -> io::Result<Session> {
+        install_wake_signal()?;
         let shared = Arc::new(Shared {
             label: label.to_owned(),
             channel: Arc::new(Channel::new(fd)),
@@ -170,42 +227,59 @@ impl Session {
             files: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             in_flight: Mutex::new(HashMap::new()),
+            flushed: Mutex::new(HashMap::new()),
+            flushed_count: AtomicUsize::new(0),
+            released: Condvar::new(),
+            stopping: AtomicBool::new(false),
+            max_readers: max_readers.max(1),
+            readers: Mutex::new(Readers::default()),
+            reader_done: Condvar::new(),
         });
-        let reader = thread::Builder::new()
-            .name("cusedev-fuse".to_owned())
-            .spawn(move || run(shared, stop_rx))?;
+        spawn_reader(&shared)?;
+        log::debug!("{label}: FUSE session started");
         Ok(Session {
             label: label.to_owned(),
-            stop: Some(stop_tx),
-            reader: Some(reader),
+            shared: Some(shared),
         })
     }
 
-    /// Whether the reader has stopped (unmounted, DESTROY, a fatal error, or [`Session::stop`]).
+    /// Whether every reader has stopped (unmounted, DESTROY, a fatal error, or
+    /// [`Session::stop`]).
     pub fn is_finished(&self) -> bool {
-        match &self.reader {
-            Some(reader) => reader.is_finished(),
+        match &self.shared {
+            Some(shared) => lock(&shared.readers).running == 0,
             None => true,
         }
     }
 
-    /// Stops the session and waits for it: the reader stops taking requests, every request
-    /// still sleeping in a device is interrupted (it gets EINTR), the workers finish, every
-    /// file still open is released in its device, and the descriptor is closed. Closing it
-    /// aborts the connection if the kernel still had one: whatever is left of the mount then
-    /// fails with ENOTCONN. Idempotent. A device call that sleeps without honouring its
-    /// [`Interrupt`] keeps this waiting, as it would keep a kernel module from unloading.
+    /// How many reader threads the session runs now.
+    pub fn reader_threads(&self) -> usize {
+        self.shared
+            .as_ref()
+            .map_or(0, |shared| lock(&shared.readers).running)
+    }
+
+    /// Stops the session and waits for it: the readers stop taking requests, every request
+    /// still parked interruptibly in a device is interrupted (it gets EINTR), every file still
+    /// open is released in its device, and the descriptor is closed. Closing it aborts the
+    /// connection if the kernel still had one: whatever is left of the mount then fails with
+    /// ENOTCONN. Idempotent.
     pub fn stop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            // The reader polls the other end; any byte (or the close itself) wakes it.
-            let _ = nix::unistd::write(&stop, &[1]);
-            drop(stop);
-        }
-        if let Some(reader) = self.reader.take() {
-            if reader.join().is_err() {
-                log::error!("{}: the FUSE reader thread panicked", self.label);
+        let Some(shared) = self.shared.take() else {
+            return;
+        };
+        shared.stopping.store(true, Ordering::SeqCst);
+        wake_readers_until_done(&shared);
+        let handles = std::mem::take(&mut lock(&shared.readers).handles);
+        for handle in handles {
+            if handle.join().is_err() {
+                log::error!("{}: a FUSE reader thread panicked", self.label);
             }
         }
+        wind_down(&shared);
+        // The last strong reference: the descriptor closes here (parked replies hold the
+        // session weakly and are dropped quietly from now on).
+        drop(shared);
     }
 }
 
@@ -215,101 +289,186 @@ impl Drop for Session {
     }
 }
 
-/// Why the reader woke up.
-enum Wake {
-    Request,
-    Stop,
+/// The signal that takes a reader out of `read(2)` when the session stops. A real-time signal
+/// nobody else here uses, with a handler that does nothing and no SA_RESTART, so the read
+/// returns EINTR and the reader sees the stop flag.
+fn wake_signal() -> libc::c_int {
+    libc::SIGRTMIN() + 5
 }
 
-fn wait_for_request(channel: &Channel, stop: &OwnedFd) -> Result<Wake, Errno> {
-    loop {
-        let mut fds = [
-            PollFd::new(channel.fd(), PollFlags::POLLIN),
-            PollFd::new(stop.as_fd(), PollFlags::POLLIN),
-        ];
-        match nix::poll::poll(&mut fds, PollTimeout::NONE) {
-            Ok(_) => {}
-            Err(Errno::EINTR) => continue,
-            Err(err) => return Err(err),
+extern "C" fn on_wake_signal(_: libc::c_int) {}
+
+fn install_wake_signal() -> io::Result<()> {
+    static INSTALLED: OnceLock<i32> = OnceLock::new();
+    let errno = *INSTALLED.get_or_init(|| {
+        // SAFETY: a zeroed sigaction is a valid "no flags, empty mask" value; the handler is
+        // an async-signal-safe function that does nothing.
+        let rc = unsafe {
+            let mut action: libc::sigaction = std::mem::zeroed();
+            action.sa_sigaction = on_wake_signal as *const () as usize;
+            libc::sigemptyset(&mut action.sa_mask);
+            libc::sigaction(wake_signal(), &action, std::ptr::null_mut())
+        };
+        if rc == 0 {
+            0
+        } else {
+            io::Error::last_os_error()
+                .raw_os_error()
+                .unwrap_or(libc::EINVAL)
         }
-        if fds[1].any().unwrap_or(true) {
-            return Ok(Wake::Stop);
-        }
-        // POLLIN: a request; POLLERR: the connection is gone and read() will say ENODEV.
-        if fds[0].any().unwrap_or(true) {
-            return Ok(Wake::Request);
-        }
+    });
+    match errno {
+        0 => Ok(()),
+        errno => Err(io::Error::from_raw_os_error(errno)),
     }
 }
 
-/// The reader thread.
-fn run(shared: Arc<Shared>, stop: OwnedFd) {
-    let label = shared.label.clone();
-    let pool = Pool::new("cusedev-fuse", MAX_WORKERS);
-    let mut buf = vec![0u8; REQUEST_BUFFER_SIZE];
-    log::debug!("{label}: FUSE session started");
-    loop {
-        match wait_for_request(&shared.channel, &stop) {
-            Ok(Wake::Request) => {}
-            Ok(Wake::Stop) => {
-                log::debug!("{label}: FUSE session asked to stop");
-                break;
-            }
-            Err(err) => {
-                log::error!("{label}: cannot wait for FUSE requests: {err}; stopping the session");
-                break;
+/// Signals every reader until all have finished. A reader that has just checked the stop flag
+/// and is on its way into `read(2)` misses one signal, so the signal is repeated.
+fn wake_readers_until_done(shared: &Shared) {
+    let give_up = Instant::now() + Duration::from_secs(10);
+    let mut readers = lock(&shared.readers);
+    while readers.running > 0 {
+        for handle in &readers.handles {
+            if !handle.is_finished() {
+                // SAFETY: the pthread_t of a thread that has not been joined (we hold its
+                // JoinHandle), so it is a valid thread id; the signal's handler does nothing.
+                unsafe { libc::pthread_kill(handle.as_pthread_t(), wake_signal()) };
             }
         }
-        let len = match shared.channel.read_request(&mut buf) {
+        if Instant::now() >= give_up {
+            log::error!(
+                "{}: {} reader(s) do not stop (a device call that never returns?); leaving them",
+                shared.label,
+                readers.running
+            );
+            return;
+        }
+        readers = shared
+            .reader_done
+            .wait_timeout(readers, Duration::from_millis(5))
+            .unwrap_or_else(|e| e.into_inner())
+            .0;
+    }
+}
+
+/// Starts one more reader.
+fn spawn_reader(shared: &Arc<Shared>) -> io::Result<()> {
+    let mut readers = lock(&shared.readers);
+    let for_thread = shared.clone();
+    let handle = thread::Builder::new()
+        .name("cusedev-fuse".to_owned())
+        .spawn(move || reader(for_thread))?;
+    readers.running += 1;
+    readers.idle += 1;
+    readers.handles.push(handle);
+    Ok(())
+}
+
+/// A reader thread: read a request, serve it, again.
+fn reader(shared: Arc<Shared>) {
+    // The wake signal must reach us even if the thread that started the session blocked it.
+    let mut mask = nix::sys::signal::SigSet::empty();
+    if let Ok(signal) = nix::sys::signal::Signal::try_from(wake_signal()) {
+        mask.add(signal);
+    }
+    let _ = mask.thread_unblock();
+    let label = shared.label.clone();
+    let mut buf = vec![0u8; REQUEST_BUFFER_SIZE];
+    loop {
+        if shared.stopping.load(Ordering::SeqCst) {
+            break;
+        }
+        let result = shared.channel.read_request(&mut buf);
+        let last_idle = {
+            let mut readers = lock(&shared.readers);
+            readers.idle -= 1;
+            readers.idle == 0 && readers.running < shared.max_readers
+        };
+        let ended = match result {
             // /dev/fuse never returns 0; a socket standing in for it does when its peer closes.
             Ok(0) => {
                 log::info!("{label}: end of the request stream");
-                break;
+                true
             }
-            Ok(len) => len,
+            Ok(len) => {
+                if last_idle && !shared.stopping.load(Ordering::SeqCst) {
+                    // Nobody is left in read(2): start a reader before serving this request,
+                    // in case it is slow.
+                    if let Err(err) = spawn_reader(&shared) {
+                        log::warn!("{label}: cannot start another reader: {err}");
+                    }
+                }
+                let flow = catch_unwind(AssertUnwindSafe(|| dispatch(&shared, &buf[..len])));
+                match flow {
+                    Ok(Flow::Continue) => false,
+                    Ok(Flow::Stop) => true,
+                    Err(_) => {
+                        log::error!("{label}: a request handler panicked; answering EIO");
+                        answer_after_panic(&shared, &buf[..len]);
+                        false
+                    }
+                }
+            }
             Err(Errno::ENODEV) => {
                 log::info!("{label}: the kernel closed the FUSE connection (unmounted)");
-                break;
+                true
             }
-            // Interrupted, nothing there after all, or a request aborted between poll and read.
-            Err(Errno::EINTR | Errno::EAGAIN | Errno::ENOENT) => continue,
+            // A signal (the stop signal among them), nothing there after all, or a request
+            // aborted between the kernel's wake-up and our read.
+            Err(Errno::EINTR | Errno::EAGAIN | Errno::ENOENT) => false,
             Err(err) => {
-                log::error!(
-                    "{label}: cannot read from the FUSE device: {err}; stopping the session"
-                );
-                break;
+                log::error!("{label}: cannot read from the FUSE device: {err}; stopping");
+                true
             }
         };
-        let flow = catch_unwind(AssertUnwindSafe(|| dispatch(&shared, &pool, &buf[..len])));
-        match flow {
-            Ok(Flow::Continue) => {}
-            Ok(Flow::Stop) => break,
-            Err(_) => {
-                log::error!("{label}: a request handler panicked; answering EIO");
-                answer_after_panic(&shared, &buf[..len]);
-            }
+        if ended {
+            shared.stopping.store(true, Ordering::SeqCst);
+            break;
         }
+        lock(&shared.readers).idle += 1;
     }
-    wind_down(&shared, &pool);
-    log::debug!("{label}: FUSE session stopped");
+    let last = {
+        let mut readers = lock(&shared.readers);
+        readers.running -= 1;
+        let last = readers.running == 0 && !readers.wound_down;
+        if last {
+            readers.wound_down = true;
+        }
+        last
+    };
+    if last {
+        // The connection is over: wind down now rather than when someone calls stop().
+        wind_down(&shared);
+        log::debug!("{label}: FUSE session stopped");
+    }
+    shared.reader_done.notify_all();
 }
 
 /// Answers EIO to a request whose handler panicked, so its caller does not wait forever (if
 /// the handler had answered already, the kernel refuses the second answer with ENOENT).
+/// READ, WRITE and IOCTL need nothing here: their reply object answered EIO when the panic
+/// dropped it.
 fn answer_after_panic(shared: &Shared, message: &[u8]) {
     if let Ok((header, _)) = parse::<InHeader>(message) {
         let opcode = Opcode(header.opcode);
         if !matches!(
             opcode,
-            Opcode::FORGET | Opcode::BATCH_FORGET | Opcode::INTERRUPT
+            Opcode::FORGET
+                | Opcode::BATCH_FORGET
+                | Opcode::INTERRUPT
+                | Opcode::READ
+                | Opcode::WRITE
+                | Opcode::IOCTL
         ) {
             shared.reply_error(header.unique, opcode, Errno::EIO);
         }
     }
 }
 
-/// Ends what the session still has going: wake sleepers, finish workers, release files.
-fn wind_down(shared: &Shared, pool: &Pool) {
+/// Ends what the session still has going: interrupt parked requests, release files. Runs
+/// once the readers are gone; running it twice finds nothing left the second time.
+fn wind_down(shared: &Shared) {
     let sleepers: Vec<Interrupt> = lock(&shared.in_flight).values().cloned().collect();
     if !sleepers.is_empty() {
         log::debug!(
@@ -321,7 +480,6 @@ fn wind_down(shared: &Shared, pool: &Pool) {
     for interrupt in sleepers {
         interrupt.fire();
     }
-    pool.shutdown();
     let files: Vec<OpenFile> = lock(&shared.files).drain().map(|(_, file)| file).collect();
     if !files.is_empty() {
         log::info!(
@@ -340,14 +498,7 @@ enum Flow {
     Stop,
 }
 
-/// The part of a request that a worker needs, parsed (and checked) in the reader thread.
-enum PoolOp {
-    Read(ReadIn),
-    Write(WriteIn, Vec<u8>),
-    Ioctl(IoctlIn, Vec<u8>),
-}
-
-fn dispatch(shared: &Arc<Shared>, pool: &Pool, message: &[u8]) -> Flow {
+fn dispatch(shared: &Arc<Shared>, message: &[u8]) -> Flow {
     let (header, _) = match parse::<InHeader>(message) {
         Ok(parsed) => parsed,
         Err(err) => {
@@ -430,9 +581,19 @@ fn dispatch(shared: &Arc<Shared>, pool: &Pool, message: &[u8]) -> Flow {
         }
         Opcode::FLUSH => {
             // Called at every close(2). Misc drivers have no .flush, so there is nothing to do
-            // but check the request is well-formed.
+            // but check the request is well-formed and note the close (see "Order").
             let reply = match parse::<FlushIn>(req.body) {
-                Ok(_) => Reply::Data(Vec::new()),
+                Ok((flush_in, _)) => {
+                    let device = lock(&shared.files)
+                        .get(&flush_in.fh)
+                        .map(|file| file.device.clone());
+                    if let Some(device) = device {
+                        if lock(&shared.flushed).insert(flush_in.fh, device).is_none() {
+                            shared.flushed_count.fetch_add(1, Ordering::SeqCst);
+                        }
+                    }
+                    Reply::Data(Vec::new())
+                }
                 Err(err) => shared.malformed(&req, err),
             };
             shared.send(unique, opcode, reply);
@@ -447,7 +608,7 @@ fn dispatch(shared: &Arc<Shared>, pool: &Pool, message: &[u8]) -> Flow {
             shared.send(unique, opcode, reply);
         }
         Opcode::READ | Opcode::WRITE | Opcode::IOCTL => {
-            if let Err(reply) = submit(shared, pool, &req) {
+            if let Err(reply) = file_io(shared, &req) {
                 shared.send(unique, opcode, reply);
             }
         }
@@ -471,6 +632,55 @@ impl Shared {
 
     fn file(&self, fh: u64) -> Result<OpenFile, Errno> {
         lock(&self.files).get(&fh).cloned().ok_or(Errno::EBADF)
+    }
+
+    /// A request on `fh` after its FLUSH: the file is still open (a dup of the closed
+    /// descriptor), so no RELEASE is on its way for it.
+    fn note_activity(&self, fh: u64) {
+        if self.flushed_count.load(Ordering::SeqCst) != 0 {
+            self.forget_flush(fh);
+        }
+    }
+
+    fn forget_flush(&self, fh: u64) {
+        if self.flushed_count.load(Ordering::SeqCst) != 0
+            && lock(&self.flushed).remove(&fh).is_some()
+        {
+            self.flushed_count.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+
+    /// Whether a file of `device` has been flushed (closed) and not released yet.
+    fn has_flushed_file(&self, device: &Arc<dyn Device>) -> bool {
+        self.flushed_count.load(Ordering::SeqCst) != 0
+            && lock(&self.flushed)
+                .values()
+                .any(|flushed| Arc::ptr_eq(flushed, device))
+    }
+
+    /// An OPEN of `device` got EBUSY while a file of the same device had been flushed and not
+    /// released: its RELEASE is probably being served by another reader right now. Waits
+    /// until no such file is left, at most [`RELEASE_WAIT`].
+    fn wait_for_pending_release(&self, device: &Arc<dyn Device>) {
+        let deadline = Instant::now() + RELEASE_WAIT;
+        let mut flushed = lock(&self.flushed);
+        while flushed.values().any(|flushed| Arc::ptr_eq(flushed, device)) {
+            let now = Instant::now();
+            if now >= deadline {
+                log::debug!(
+                    "{}: OPEN of {}: a closed file's RELEASE did not come within {:?}; EBUSY",
+                    self.label,
+                    device.name(),
+                    RELEASE_WAIT
+                );
+                return;
+            }
+            flushed = self
+                .released
+                .wait_timeout(flushed, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
     }
 
     /// Logs a request whose body does not hold what its opcode needs; answers EINVAL.
@@ -541,10 +751,23 @@ fn interrupt(shared: &Shared, req: &Request<'_>) {
             log::debug!("{}: INTERRUPT for unique={target}: waking it", shared.label);
             interrupt.fire();
         }
-        None => log::debug!(
-            "{}: INTERRUPT for unique={target}, which is no longer in flight; ignored",
-            shared.label
-        ),
+        None => {
+            // Not registered: either still on its way through another reader, or answered
+            // already. EAGAIN makes the kernel queue the INTERRUPT again in the first case
+            // and is refused with ENOENT in the second (fs/fuse/dev.c, fuse_dev_do_write).
+            log::debug!(
+                "{}: INTERRUPT for unique={target}, which is not in flight; answering EAGAIN",
+                shared.label
+            );
+            let result = shared.channel.reply(
+                req.header.unique | FUSE_INT_REQ_BIT,
+                -(Errno::EAGAIN as i32),
+                &[],
+            );
+            if let Err(err) = result {
+                log::debug!("{}: INTERRUPT EAGAIN not taken: {err}", shared.label);
+            }
+        }
     }
 }
 
@@ -556,12 +779,17 @@ fn open(shared: &Shared, req: &Request<'_>) {
             .handler
             .device_for_open(req.header.nodeid)
             .map_err(Reply::Error)?;
-        // open() has no interruptible sleep in the drivers we model; the reader thread would
-        // not see an INTERRUPT before it returned anyway.
+        // open() has no interruptible sleep in the drivers we model.
         let caller = shared.caller(req.header, Interrupt::new());
-        let handle = device
-            .open(&caller, open_in.flags as i32)
-            .map_err(Reply::Error)?;
+        // Looked at before the open: the FLUSH of a close(2) is answered before close returns,
+        // so it is in the table by the time the OPEN that follows the close comes in.
+        let release_may_be_on_its_way = shared.has_flushed_file(&device);
+        let mut opened = device.open(&caller, open_in.flags as i32);
+        if opened == Err(Errno::EBUSY) && release_may_be_on_its_way {
+            shared.wait_for_pending_release(&device);
+            opened = device.open(&caller, open_in.flags as i32);
+        }
+        let handle = opened.map_err(Reply::Error)?;
         Ok::<_, Reply>((device, handle))
     })();
     let (device, handle) = match result {
@@ -613,6 +841,10 @@ fn release(shared: &Shared, req: &Request<'_>) -> Reply {
                 file.device.name()
             );
             file.device.release(file.handle);
+            // Only now, with the device released, may a waiting OPEN try again. Removed under
+            // the lock it waits with, so it cannot miss the wake-up.
+            shared.forget_flush(release_in.fh);
+            shared.released.notify_all();
         }
         None => log::warn!(
             "{}: RELEASE of fh {}, which is not open; ignored",
@@ -647,6 +879,7 @@ fn poll(shared: &Shared, req: &Request<'_>) -> Reply {
         Ok((poll_in, _)) => poll_in,
         Err(err) => return shared.malformed(req, err),
     };
+    shared.note_activity(poll_in.fh);
     let file = match shared.file(poll_in.fh) {
         Ok(file) => file,
         Err(errno) => return Reply::Error(errno),
@@ -665,14 +898,33 @@ fn poll(shared: &Shared, req: &Request<'_>) -> Reply {
     })
 }
 
-/// Parses a READ/WRITE/IOCTL in the reader thread and queues it for a worker. Returns the
-/// reply to send at once if the request cannot even be queued.
-fn submit(shared: &Arc<Shared>, pool: &Pool, req: &Request<'_>) -> Result<(), Reply> {
-    let (fh, op) = match req.opcode {
+/// READ, WRITE and IOCTL: parse, register the request for INTERRUPT, and hand the device a
+/// reply that sends itself whenever it is answered. Returns the reply to send at once if the
+/// request never reaches the device.
+fn file_io(shared: &Arc<Shared>, req: &Request<'_>) -> Result<(), Reply> {
+    let unique = req.header.unique;
+    let opcode = req.opcode;
+    match opcode {
         Opcode::READ => {
             let (read_in, _) =
                 parse::<ReadIn>(req.body).map_err(|err| shared.malformed(req, err))?;
-            (read_in.fh, PoolOp::Read(read_in))
+            let (file, caller) = shared.start_file_op(read_in.fh, req.header)?;
+            let size = read_in.size as usize;
+            let reply = shared.pending(unique, opcode, &caller, move |shared, result| {
+                result.map(|mut data: Vec<u8>| {
+                    if data.len() > size {
+                        log::warn!(
+                            "{}: a device returned {} bytes for a {size}-byte read; truncated",
+                            shared.label,
+                            data.len()
+                        );
+                        data.truncate(size);
+                    }
+                    Reply::Data(data)
+                })
+            });
+            file.device
+                .read(file.handle, read_in.size, read_in.offset, &caller, reply);
         }
         Opcode::WRITE => {
             let (write_in, data) =
@@ -684,7 +936,12 @@ fn submit(shared: &Arc<Shared>, pool: &Pool, req: &Request<'_>) -> Result<(), Re
                     format_args!("{} bytes of data announced, {got} sent", write_in.size),
                 )
             })?;
-            (write_in.fh, PoolOp::Write(write_in, data.to_vec()))
+            let (file, caller) = shared.start_file_op(write_in.fh, req.header)?;
+            let reply = shared.pending(unique, opcode, &caller, |_, result| {
+                result.map(|size| Reply::of(&WriteOut { size, padding: 0 }))
+            });
+            file.device
+                .write(file.handle, data, write_in.offset, &caller, reply);
         }
         Opcode::IOCTL => {
             let (ioctl_in, input) =
@@ -696,94 +953,74 @@ fn submit(shared: &Arc<Shared>, pool: &Pool, req: &Request<'_>) -> Result<(), Re
                     format_args!("{} bytes of input announced, {got} sent", ioctl_in.in_size),
                 )
             })?;
-            (ioctl_in.fh, PoolOp::Ioctl(ioctl_in, input.to_vec()))
+            // Directory ioctls are only sent with FUSE_HAS_IOCTL_DIR, which we never offer.
+            if ioctl_in.flags & ioctl_flags::DIR != 0 {
+                return Err(Reply::Error(Errno::ENOTTY));
+            }
+            let (file, caller) = shared.start_file_op(ioctl_in.fh, req.header)?;
+            let name = file.device.name().to_owned();
+            let reply = shared.pending(unique, opcode, &caller, move |shared, result| {
+                result.map(|outcome: IoctlOutcome| ioctl_reply(shared, &name, &ioctl_in, outcome))
+            });
+            file.device
+                .ioctl(file.handle, &ioctl::call(&ioctl_in, input), &caller, reply);
         }
         _ => return Err(Reply::Error(Errno::ENOSYS)),
-    };
-    let file = shared.file(fh).map_err(Reply::Error)?;
-
-    let unique = req.header.unique;
-    let opcode = req.opcode;
-    let interrupt = Interrupt::new();
-    // Registered before the job can run (and before the reader can read the INTERRUPT that
-    // names this request): an interrupt can never arrive for a request we do not know yet.
-    lock(&shared.in_flight).insert(unique, interrupt.clone());
-    let caller = shared.caller(req.header, interrupt);
-    let shared = shared.clone();
-    pool.submit(move || {
-        let result = catch_unwind(AssertUnwindSafe(|| {
-            run_pool_op(&shared, &file, op, &caller)
-        }));
-        // Out of the map before the reply goes out: an INTERRUPT that follows the reply finds
-        // nothing and is ignored, as the kernel expects.
-        lock(&shared.in_flight).remove(&unique);
-        let reply = result.unwrap_or_else(|_| {
-            log::error!(
-                "{}: {opcode} unique={unique}: device {} panicked; answering EIO",
-                shared.label,
-                file.device.name()
-            );
-            Reply::Error(Errno::EIO)
-        });
-        shared.send(unique, opcode, reply);
-    });
+    }
     Ok(())
 }
 
-fn run_pool_op(shared: &Shared, file: &OpenFile, op: PoolOp, caller: &Caller) -> Reply {
-    let device = &*file.device;
-    match op {
-        PoolOp::Read(read_in) => {
-            match device.read(file.handle, read_in.size, read_in.offset, caller) {
-                Ok(mut data) => {
-                    if data.len() > read_in.size as usize {
-                        log::warn!(
-                            "{}: device {} returned {} bytes for a {}-byte read; truncated",
-                            shared.label,
-                            device.name(),
-                            data.len(),
-                            read_in.size
-                        );
-                        data.truncate(read_in.size as usize);
-                    }
-                    Reply::Data(data)
-                }
-                Err(errno) => Reply::Error(errno),
-            }
-        }
-        PoolOp::Write(write_in, data) => {
-            match device.write(file.handle, &data, write_in.offset, caller) {
-                Ok(size) => Reply::of(&WriteOut { size, padding: 0 }),
-                Err(errno) => Reply::Error(errno),
-            }
-        }
-        PoolOp::Ioctl(ioctl_in, input) => {
-            // Directory ioctls are only sent with FUSE_HAS_IOCTL_DIR, which we never offer.
-            if ioctl_in.flags & ioctl_flags::DIR != 0 {
-                return Reply::Error(Errno::ENOTTY);
-            }
-            let outcome = match device.ioctl(file.handle, &ioctl::call(&ioctl_in, &input), caller) {
-                Ok(outcome) => outcome,
-                Err(errno) => return Reply::Error(errno),
+fn ioctl_reply(shared: &Shared, device: &str, ioctl_in: &IoctlIn, outcome: IoctlOutcome) -> Reply {
+    let truncated = |len| {
+        log::warn!(
+            "{}: device {device} returned {len} bytes for ioctl {:#x} with room for {}; truncated",
+            shared.label,
+            ioctl_in.cmd,
+            ioctl_in.out_size
+        );
+    };
+    ioctl::reply(ioctl_in, outcome, truncated).unwrap_or_else(|err| {
+        log::error!(
+            "{}: device {device}, ioctl {:#x}: {err}; the caller gets EIO",
+            shared.label,
+            ioctl_in.cmd
+        );
+        Reply::Error(Errno::EIO)
+    })
+}
+
+impl Shared {
+    /// The open file behind `fh` and the caller of a READ/WRITE/IOCTL on it, registered under
+    /// the request's `unique` for INTERRUPT before the device can see the request.
+    fn start_file_op(&self, fh: u64, header: &InHeader) -> Result<(OpenFile, Caller), Reply> {
+        self.note_activity(fh);
+        let file = self.file(fh).map_err(Reply::Error)?;
+        let interrupt = Interrupt::new();
+        lock(&self.in_flight).insert(header.unique, interrupt.clone());
+        Ok((file, self.caller(header, interrupt)))
+    }
+
+    /// The reply object for request `unique`: `encode` turns the device's answer into the
+    /// wire reply. It holds the session weakly: an answer that comes after the session has
+    /// stopped goes nowhere.
+    fn pending<T: Send + 'static>(
+        self: &Arc<Self>,
+        unique: u64,
+        opcode: Opcode,
+        caller: &Caller,
+        encode: impl FnOnce(&Shared, Result<T, Errno>) -> Result<Reply, Errno> + Send + 'static,
+    ) -> Pending<T> {
+        let session: Weak<Shared> = Arc::downgrade(self);
+        Pending::new(caller.interrupt.clone(), move |result| {
+            let Some(shared) = session.upgrade() else {
+                log::debug!("{opcode} unique={unique}: answered after its session ended");
+                return;
             };
-            let truncated = |len| {
-                log::warn!(
-                    "{}: device {} returned {len} bytes for ioctl {:#x} with room for {}; truncated",
-                    shared.label,
-                    device.name(),
-                    ioctl_in.cmd,
-                    ioctl_in.out_size
-                );
-            };
-            ioctl::reply(&ioctl_in, outcome, truncated).unwrap_or_else(|err| {
-                log::error!(
-                    "{}: device {}, ioctl {:#x}: {err}; the caller gets EIO",
-                    shared.label,
-                    device.name(),
-                    ioctl_in.cmd
-                );
-                Reply::Error(Errno::EIO)
-            })
-        }
+            // Out of the map before the reply goes out: an INTERRUPT that follows the reply
+            // finds nothing, and the kernel drops our EAGAIN for it.
+            lock(&shared.in_flight).remove(&unique);
+            let reply = encode(&shared, result).unwrap_or_else(Reply::Error);
+            shared.send(unique, opcode, reply);
+        })
     }
 }

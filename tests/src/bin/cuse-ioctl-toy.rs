@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use cusedev::cuse::CuseFrontend;
 use cusedev::device::{
-    Caller, Device, Errno, Handle, IoctlCall, IoctlOutcome, IoctlReply, UserBuffer,
+    Caller, Device, Errno, Handle, IoctlAnswer, IoctlCall, IoctlOutcome, IoctlReply, UserBuffer,
 };
 use cusedev_tests::dev::Dev;
 
@@ -37,50 +37,50 @@ impl Device for Reverser {
         Ok(1)
     }
 
-    fn ioctl(
-        &self,
-        _handle: Handle,
-        call: &IoctlCall<'_>,
-        _caller: &Caller,
-    ) -> Result<IoctlOutcome, Errno> {
-        if call.cmd != REVERSE {
-            return Err(Errno::ENOTTY);
-        }
-        if !call.unrestricted {
-            return Err(Errno::EINVAL);
-        }
-        let header = UserBuffer {
-            addr: call.arg,
-            len: 16,
-        };
-        let Some(fields) = call.input.get(..16) else {
-            return Ok(IoctlOutcome::Retry {
-                input: vec![header],
-                output: vec![],
-            });
-        };
-        let word = |at: usize| {
-            let mut bytes = [0u8; 8];
-            bytes.copy_from_slice(&fields[at..at + 8]);
-            u64::from_ne_bytes(bytes)
-        };
-        let (buf, len) = (word(0), word(8));
-        if len > MAX_LEN {
-            return Err(Errno::EINVAL);
-        }
-        let target = UserBuffer { addr: buf, len };
-        let Some(data) = call.input.get(16..16 + len as usize) else {
-            return Ok(IoctlOutcome::Retry {
-                input: vec![header, target],
-                output: vec![target],
-            });
-        };
-        Ok(IoctlReply {
-            result: len as i32,
-            out: data.iter().rev().copied().collect(),
-        }
-        .into())
+    fn ioctl(&self, _handle: Handle, call: &IoctlCall<'_>, _caller: &Caller, reply: IoctlAnswer) {
+        reply.answer(reverse_in_place(call));
     }
+}
+
+/// The toy's one ioctl: reverses the caller's buffer in place, in two retry rounds.
+fn reverse_in_place(call: &IoctlCall<'_>) -> Result<IoctlOutcome, Errno> {
+    if call.cmd != REVERSE {
+        return Err(Errno::ENOTTY);
+    }
+    if !call.unrestricted {
+        return Err(Errno::EINVAL);
+    }
+    let header = UserBuffer {
+        addr: call.arg,
+        len: 16,
+    };
+    let Some(fields) = call.input.get(..16) else {
+        return Ok(IoctlOutcome::Retry {
+            input: vec![header],
+            output: vec![],
+        });
+    };
+    let word = |at: usize| {
+        let mut bytes = [0u8; 8];
+        bytes.copy_from_slice(&fields[at..at + 8]);
+        u64::from_ne_bytes(bytes)
+    };
+    let (buf, len) = (word(0), word(8));
+    if len > MAX_LEN {
+        return Err(Errno::EINVAL);
+    }
+    let target = UserBuffer { addr: buf, len };
+    let Some(data) = call.input.get(16..16 + len as usize) else {
+        return Ok(IoctlOutcome::Retry {
+            input: vec![header, target],
+            output: vec![target],
+        });
+    };
+    Ok(IoctlReply {
+        result: len as i32,
+        out: data.iter().rev().copied().collect(),
+    }
+    .into())
 }
 
 fn serve() -> ExitCode {

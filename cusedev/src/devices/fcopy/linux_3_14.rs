@@ -25,7 +25,7 @@
 //! 6144-byte fragment never reach the daemon.
 //!
 //! There are no locks in the seed driver. Here its globals sit under one driver lock
-//! ([`WaitState`]); the semaphore is a counter under it with the wait queue for sleepers.
+//! ([`WaitState`]); the semaphore is a counter under it with a [`WaitList`] of parked readers.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
@@ -38,7 +38,7 @@ use vmbus::negotiate::{prep_negotiate_resp_v3, FCOPY_FW_VERSIONS, FCOPY_SRV_VERS
 
 use super::{op_name, HostSide, DEVICE_NAME, RECV_LIMIT};
 use crate::bus::channel::{ChannelDriver, HostChannel, RecvError};
-use crate::device::{Caller, Device, Errno, Handle};
+use crate::device::{Caller, Device, Errno, Handle, ReadReply, WaitList, WriteReply};
 use crate::devices::delayed_work::DelayedWork;
 use crate::wait::WaitState;
 
@@ -67,8 +67,8 @@ struct Seed {
     active: bool,
     /// `fcopy_transaction.read_sema`: tokens available.
     read_sema: u32,
-    /// Readers sleeping on the semaphore (test visibility).
-    sleeping_readers: usize,
+    /// Readers sleeping on the semaphore (parked), with their buffer sizes.
+    readers: WaitList<u32, Vec<u8>>,
     /// `fcopy_transaction.message`: the converted START, rebuilt by each START only.
     message: Vec<u8>,
     /// `fcopy_transaction.fcopy_context`: the callback was deferred at least once. Never
@@ -97,7 +97,7 @@ impl SeedFcopy {
                     in_hand_shake: true,
                     active: true,
                     read_sema: 0,
-                    sleeping_readers: 0,
+                    readers: WaitList::new(),
                     message: vec![0; START_FCOPY_LEN],
                     fcopy_context: false,
                     host: HostSide::new(channel),
@@ -130,7 +130,7 @@ impl SeedFcopy {
     /// Test visibility.
     #[cfg(test)]
     fn sleeping_readers(&self) -> usize {
-        self.lock().sleeping_readers
+        self.lock().readers.waiting()
     }
 }
 
@@ -141,6 +141,50 @@ impl Drop for SeedFcopy {
 }
 
 impl Seed {
+    /// `up(&fcopy_transaction.read_sema)`: the token goes straight to the longest sleeper if
+    /// there is one (kernel/locking/semaphore.c), else it is kept for the next read.
+    fn up(&mut self) {
+        match self.readers.wake_one() {
+            Some((count, reply)) => {
+                let result = self.read_after_down(count);
+                reply.answer(result);
+            }
+            None => self.read_sema += 1,
+        }
+    }
+
+    /// What `fcopy_read()` does once it has its semaphore token.
+    fn read_after_down(&mut self, count: u32) -> Result<Vec<u8>, Errno> {
+        // "The channel may be rescinded and in this case, we will wakeup the thread blocked
+        // on the semaphore and we will use the opened state to correctly handle this case."
+        if !self.opened {
+            return Err(Errno::ENODEV);
+        }
+        // fcopy_msg points into the live receive buffer: what is there *now* decides.
+        let operation = self.host.recv.operation();
+        let count = count as usize;
+        if operation == op::START_FILE_COPY {
+            if count < START_FCOPY_LEN {
+                // Returns 0 and the token is gone: the request is lost and the host gets
+                // HV_E_FAIL when the timer fires (hv_fcopy.c v3.15).
+                warn!(
+                    "hv_fcopy: read of {count} bytes < {START_FCOPY_LEN}: returns 0, request lost"
+                );
+                return Ok(Vec::new());
+            }
+            Ok(self.message.clone())
+        } else {
+            if count < DO_FCOPY_SEED_LEN {
+                warn!(
+                    "hv_fcopy: read of {count} bytes < {DO_FCOPY_SEED_LEN}: returns 0, request lost"
+                );
+                return Ok(Vec::new());
+            }
+            // sizeof(struct hv_do_fcopy) of the seed-era header (no pad): 6192 raw bytes.
+            Ok(self.host.recv.bytes(ICMSG_HDR_LEN, DO_FCOPY_SEED_LEN))
+        }
+    }
+
     /// `fcopy_respond_to_host()`: ends the transaction and echoes the buffer with `status`.
     fn respond_to_host(&mut self, status: u32) {
         self.active = false;
@@ -169,55 +213,17 @@ impl Device for SeedFcopy {
     }
 
     /// `fcopy_read()`. Offsets and O_NONBLOCK are ignored.
-    fn read(
-        &self,
-        _handle: Handle,
-        count: u32,
-        _offset: u64,
-        caller: &Caller,
-    ) -> Result<Vec<u8>, Errno> {
+    fn read(&self, _handle: Handle, count: u32, _offset: u64, _caller: &Caller, reply: ReadReply) {
         let mut seed = self.lock();
-        seed.sleeping_readers += 1;
-        // down_interruptible(&fcopy_transaction.read_sema)
-        let waited = self
-            .ws
-            .wait_interruptible(seed, &caller.interrupt, |s| s.read_sema > 0);
-        let mut seed = match waited {
-            Ok(seed) => seed,
-            Err(errno) => {
-                self.lock().sleeping_readers -= 1;
-                return Err(errno);
-            }
-        };
-        seed.sleeping_readers -= 1;
-        seed.read_sema -= 1;
-        // "The channel may be rescinded and in this case, we will wakeup the thread blocked
-        // on the semaphore and we will use the opened state to correctly handle this case."
-        if !seed.opened {
-            return Err(Errno::ENODEV);
-        }
-        // fcopy_msg points into the live receive buffer: what is there *now* decides.
-        let operation = seed.host.recv.operation();
-        let count = count as usize;
-        if operation == op::START_FILE_COPY {
-            if count < START_FCOPY_LEN {
-                // Returns 0 and the token is gone: the request is lost and the host gets
-                // HV_E_FAIL when the timer fires (hv_fcopy.c v3.15).
-                warn!(
-                    "hv_fcopy: read of {count} bytes < {START_FCOPY_LEN}: returns 0, request lost"
-                );
-                return Ok(Vec::new());
-            }
-            Ok(seed.message.clone())
+        // down_interruptible(&fcopy_transaction.read_sema): a token now, or sleep until up()
+        // hands one over.
+        if seed.read_sema > 0 {
+            seed.read_sema -= 1;
+            let result = seed.read_after_down(count);
+            drop(seed);
+            reply.answer(result);
         } else {
-            if count < DO_FCOPY_SEED_LEN {
-                warn!(
-                    "hv_fcopy: read of {count} bytes < {DO_FCOPY_SEED_LEN}: returns 0, request lost"
-                );
-                return Ok(Vec::new());
-            }
-            // sizeof(struct hv_do_fcopy) of the seed-era header (no pad): 6192 raw bytes.
-            Ok(seed.host.recv.bytes(ICMSG_HDR_LEN, DO_FCOPY_SEED_LEN))
+            seed.readers.park_interruptible(count, reply);
         }
     }
 
@@ -228,7 +234,27 @@ impl Device for SeedFcopy {
         data: &[u8],
         _offset: u64,
         _caller: &Caller,
-    ) -> Result<u32, Errno> {
+        reply: WriteReply,
+    ) {
+        reply.answer(self.write_value(data));
+    }
+
+    // No .poll: the VFS reports the default mask (always readable and writable). The trait's
+    // default does exactly that.
+
+    /// `fcopy_release()`: "The daemon has exited; reset the state." Only these two flags:
+    /// a pending transaction, its timer and semaphore tokens stay.
+    fn release(&self, _handle: Handle) {
+        let mut seed = self.lock();
+        seed.in_hand_shake = true;
+        seed.opened = false;
+        debug!("hv_fcopy: daemon closed the device");
+    }
+}
+
+impl SeedFcopy {
+    /// `fcopy_write()`'s body: the byte count or the errno.
+    fn write_value(&self, data: &[u8]) -> Result<u32, Errno> {
         let Ok(value) = <[u8; 4]>::try_from(data) else {
             return Err(Errno::EINVAL);
         };
@@ -271,18 +297,6 @@ impl Device for SeedFcopy {
             debug!("hv_fcopy: daemon wrote {value:#x} with no transaction pending: discarded");
         }
         Ok(4)
-    }
-
-    // No .poll: the VFS reports the default mask (always readable and writable). The trait's
-    // default does exactly that.
-
-    /// `fcopy_release()`: "The daemon has exited; reset the state." Only these two flags:
-    /// a pending transaction, its timer and semaphore tokens stay.
-    fn release(&self, _handle: Handle) {
-        let mut seed = self.lock();
-        seed.in_hand_shake = true;
-        seed.opened = false;
-        debug!("hv_fcopy: daemon closed the device");
     }
 }
 
@@ -361,8 +375,7 @@ impl ChannelDriver for SeedFcopy {
         if operation == op::START_FILE_COPY {
             seed.message = seed.host.recv.start_for_daemon();
         }
-        seed.read_sema += 1;
-        self.ws.wake_all();
+        seed.up();
         self.timer.schedule(seed.timeout);
         debug!(
             "hv_fcopy: host request {} (id {requestid}, {recvlen} bytes) ready for the daemon",
@@ -381,8 +394,7 @@ impl ChannelDriver for SeedFcopy {
             // if it is blocked on the read semaphore."
             let mut seed = self.lock();
             seed.opened = false;
-            seed.read_sema += 1;
-            self.ws.wake_all();
+            seed.up();
             seed.deregistered = true;
         }
         {
@@ -502,7 +514,7 @@ mod tests {
         let h = rig.daemon();
         let req = start("f", "/tmp", 0, 1);
         rig.host(3, &req);
-        assert_eq!(rig.dev.read(h, 1087, 0, &caller()), Ok(Vec::new()));
+        assert_eq!(read_at(&*rig.dev, h, 1087, 0), Ok(Vec::new()));
         // The token is gone: the request cannot be read again...
         assert_eq!(rig.tokens(), 0);
         // ...and the host gets HV_E_FAIL when the timer fires.
@@ -514,13 +526,13 @@ mod tests {
         let rig = Rig::new();
         let h = rig.daemon();
         rig.host(3, &write(0, b"abc"));
-        assert_eq!(rig.dev.read(h, 6191, 0, &caller()), Ok(Vec::new()));
+        assert_eq!(read_at(&*rig.dev, h, 6191, 0), Ok(Vec::new()));
         assert_eq!(rig.tokens(), 0);
         // 1088 bytes is plenty for a START but not for a WRITE.
         let rig = Rig::new();
         let h = rig.daemon();
         rig.host(4, &op(vmbus::fcopy::op::CANCEL_FCOPY));
-        assert_eq!(rig.dev.read(h, 1088, 0, &caller()), Ok(Vec::new()));
+        assert_eq!(read_at(&*rig.dev, h, 1088, 0), Ok(Vec::new()));
     }
 
     #[test]
@@ -528,7 +540,7 @@ mod tests {
         let rig = Rig::new();
         let h = rig.daemon();
         rig.host(1, &start("naïve.txt", "/srv/𝄞", OVER_WRITE, 99));
-        let msg = rig.dev.read(h, 1088, 0, &caller()).unwrap();
+        let msg = read_at(&*rig.dev, h, 1088, 0).unwrap();
         assert_eq!(msg.len(), 1088);
         let start = StartFcopy::read_from_bytes(&msg).unwrap();
         assert_eq!(start.hdr.operation.get(), op::START_FILE_COPY);
@@ -590,8 +602,8 @@ mod tests {
     fn write_of_wrong_size_is_einval_on_linux_3_14() {
         let rig = Rig::new();
         let h = rig.open();
-        assert_eq!(rig.dev.write(h, &[0; 3], 0, &caller()), Err(Errno::EINVAL));
-        assert_eq!(rig.dev.write(h, &[0; 8], 0, &caller()), Err(Errno::EINVAL));
+        assert_eq!(write_at(&*rig.dev, h, &[0; 3], 0), Err(Errno::EINVAL));
+        assert_eq!(write_at(&*rig.dev, h, &[0; 8], 0), Err(Errno::EINVAL));
         // Still in the handshake.
         assert!(rig.dev.lock().in_hand_shake);
     }
@@ -643,7 +655,7 @@ mod tests {
         rig.host(6, &start("x", "/y", 0, 0));
         let h = rig.daemon();
         assert_eq!(rig.tokens(), 1);
-        assert_eq!(rig.dev.read(h, 1088, 0, &caller()).unwrap().len(), 1088);
+        assert_eq!(read_at(&*rig.dev, h, 1088, 0).unwrap().len(), 1088);
     }
 
     #[test]
@@ -732,7 +744,7 @@ mod tests {
         assert!(rig.dev.lock().active);
         // The next daemon gets the old request and can even answer it.
         let h = rig.daemon();
-        assert_eq!(rig.dev.read(h, 1088, 0, &caller()).unwrap().len(), 1088);
+        assert_eq!(read_at(&*rig.dev, h, 1088, 0).unwrap().len(), 1088);
         assert_eq!(rig.write_u32(h, 0), Ok(4));
         assert_eq!(rig.chan.sent(), vec![reply_to(2, &req, 0)]);
     }

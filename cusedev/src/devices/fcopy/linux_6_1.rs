@@ -34,7 +34,7 @@ use vmbus::negotiate::{prep_negotiate_resp, FCOPY_FW_VERSIONS, FCOPY_SRV_VERSION
 
 use super::{op_name, HostSide, DEVICE_NAME, RECV_LIMIT};
 use crate::bus::channel::{ChannelDriver, HostChannel};
-use crate::device::{Caller, Device, Errno, Handle, PollWaker};
+use crate::device::{Caller, Device, Errno, Handle, PollWaker, ReadReply, WriteReply};
 use crate::devices::delayed_work::DelayedWork;
 use crate::devices::hvutil_transport::{
     HvutilDeviceState as State, HvutilService, HvutilTransport, Shared, Transport,
@@ -385,14 +385,8 @@ impl Device for Fcopy61 {
         self.hvt.open()
     }
 
-    fn read(
-        &self,
-        handle: Handle,
-        count: u32,
-        _offset: u64,
-        caller: &Caller,
-    ) -> Result<Vec<u8>, Errno> {
-        self.hvt.read(handle, count, caller)
+    fn read(&self, handle: Handle, count: u32, _offset: u64, _caller: &Caller, reply: ReadReply) {
+        self.hvt.read(handle, count, reply)
     }
 
     fn write(
@@ -401,8 +395,9 @@ impl Device for Fcopy61 {
         data: &[u8],
         _offset: u64,
         _caller: &Caller,
-    ) -> Result<u32, Errno> {
-        self.hvt.write(handle, data)
+        reply: WriteReply,
+    ) {
+        reply.answer(self.hvt.write(handle, data))
     }
 
     fn poll(&self, handle: Handle, waker: Option<PollWaker>) -> u32 {
@@ -531,8 +526,8 @@ mod tests {
         let rig = Rig::new();
         let h = rig.daemon();
         rig.host(5, &start("f", "/tmp", 0, 1));
-        assert_eq!(rig.dev.read(h, 1087, 0, &caller()), Err(Errno::EINVAL));
-        assert_eq!(rig.dev.read(h, 1088, 0, &caller()).unwrap().len(), 1088);
+        assert_eq!(read_at(&*rig.dev, h, 1087, 0), Err(Errno::EINVAL));
+        assert_eq!(read_at(&*rig.dev, h, 1088, 0).unwrap().len(), 1088);
     }
 
     #[test]
@@ -625,11 +620,8 @@ mod tests {
         let rig = Rig::new();
         let h = rig.open();
         // pwrite at offset 99 registers, pread at offset 12345 reads the reply.
-        assert_eq!(rig.dev.write(h, &1u32.to_le_bytes(), 99, &caller()), Ok(4));
-        assert_eq!(
-            rig.dev.read(h, 4, 12345, &caller()).unwrap(),
-            vec![1, 0, 0, 0]
-        );
+        assert_eq!(write_at(&*rig.dev, h, &1u32.to_le_bytes(), 99), Ok(4));
+        assert_eq!(read_at(&*rig.dev, h, 4, 12345).unwrap(), vec![1, 0, 0, 0]);
     }
 
     // ---- §5.3 on_msg -------------------------------------------------------------------
@@ -638,12 +630,9 @@ mod tests {
     fn registration_of_wrong_size_is_einval_on_linux_6_1() {
         let rig = Rig::new();
         let h = rig.open();
+        assert_eq!(write_at(&*rig.dev, h, &[1, 0, 0], 0), Err(Errno::EINVAL));
         assert_eq!(
-            rig.dev.write(h, &[1, 0, 0], 0, &caller()),
-            Err(Errno::EINVAL)
-        );
-        assert_eq!(
-            rig.dev.write(h, &[1, 0, 0, 0, 0], 0, &caller()),
+            write_at(&*rig.dev, h, &[1, 0, 0, 0, 0], 0),
             Err(Errno::EINVAL)
         );
         assert_eq!(rig.dev.state(), State::DeviceInit);
@@ -1059,7 +1048,7 @@ mod tests {
         let daemon = {
             let dev = rig.dev.clone();
             thread::spawn(move || {
-                let read = |dev: &Fcopy61| dev.read(h, DO_FCOPY_LEN as u32, 0, &caller());
+                let read = |dev: &Fcopy61| read_at(dev, h, DO_FCOPY_LEN as u32, 0);
                 let mut got = Vec::new();
                 assert_eq!(read(&dev).unwrap(), vec![1, 0, 0, 0]);
                 for _ in 0..4 {
@@ -1071,7 +1060,7 @@ mod tests {
                     } else {
                         0
                     };
-                    assert_eq!(dev.write(h, &status.to_le_bytes(), 0, &caller()), Ok(4));
+                    assert_eq!(write_at(&*dev, h, &status.to_le_bytes(), 0), Ok(4));
                 }
                 got
             })

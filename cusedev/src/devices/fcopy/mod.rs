@@ -44,7 +44,9 @@ use vmbus::utf16::Overflow;
 use zerocopy::IntoBytes;
 
 use crate::bus::channel::{ChannelDriver, HostChannel};
-use crate::device::{Caller, Device, Errno, Handle, IoctlCall, IoctlOutcome, PollWaker};
+use crate::device::{
+    Caller, Device, Errno, Handle, IoctlAnswer, IoctlCall, PollWaker, ReadReply, WriteReply,
+};
 use crate::profile::KernelProfile;
 
 /// The misc device name: `/dev/vmbus/hv_fcopy` (both eras).
@@ -299,33 +301,16 @@ impl Device for HvFcopy {
         self.device().open(caller, flags)
     }
 
-    fn read(
-        &self,
-        handle: Handle,
-        count: u32,
-        offset: u64,
-        caller: &Caller,
-    ) -> Result<Vec<u8>, Errno> {
-        self.device().read(handle, count, offset, caller)
+    fn read(&self, handle: Handle, count: u32, offset: u64, caller: &Caller, reply: ReadReply) {
+        self.device().read(handle, count, offset, caller, reply)
     }
 
-    fn write(
-        &self,
-        handle: Handle,
-        data: &[u8],
-        offset: u64,
-        caller: &Caller,
-    ) -> Result<u32, Errno> {
-        self.device().write(handle, data, offset, caller)
+    fn write(&self, handle: Handle, data: &[u8], offset: u64, caller: &Caller, reply: WriteReply) {
+        self.device().write(handle, data, offset, caller, reply)
     }
 
-    fn ioctl(
-        &self,
-        handle: Handle,
-        call: &IoctlCall<'_>,
-        caller: &Caller,
-    ) -> Result<IoctlOutcome, Errno> {
-        self.device().ioctl(handle, call, caller)
+    fn ioctl(&self, handle: Handle, call: &IoctlCall<'_>, caller: &Caller, reply: IoctlAnswer) {
+        self.device().ioctl(handle, call, caller, reply)
     }
 
     fn poll(&self, handle: Handle, waker: Option<PollWaker>) -> u32 {
@@ -363,6 +348,13 @@ mod tests {
         }
     }
 
+    fn ioctl_of(dev: &dyn Device, h: Handle) -> Result<crate::device::IoctlOutcome, Errno> {
+        let caller = caller();
+        crate::reply::testing::answer_of(&caller.interrupt, |reply| {
+            dev.ioctl(h, &no_arg_ioctl(), &caller, reply)
+        })
+    }
+
     #[test]
     fn device_is_vmbus_hv_fcopy_mode_0600_in_both_profiles() {
         for profile in [KernelProfile::Linux3_14, KernelProfile::Linux6_1] {
@@ -390,14 +382,11 @@ mod tests {
         let seed = HvFcopy::new(KernelProfile::Linux3_14, TestChannel::new());
         let h = seed.open(&caller(), libc::O_RDWR).unwrap();
         assert_eq!(seed.poll(h, None), poll_bits::DEFAULT_POLLMASK);
-        assert_eq!(
-            seed.ioctl(h, &no_arg_ioctl(), &caller()),
-            Err(Errno::ENOTTY)
-        );
+        assert_eq!(ioctl_of(&*seed, h), Err(Errno::ENOTTY));
         let new = HvFcopy::new(KernelProfile::Linux6_1, TestChannel::new());
         let h = new.open(&caller(), libc::O_RDWR).unwrap();
         assert_eq!(new.poll(h, None), 0);
-        assert_eq!(new.ioctl(h, &no_arg_ioctl(), &caller()), Err(Errno::ENOTTY));
+        assert_eq!(ioctl_of(&*new, h), Err(Errno::ENOTTY));
     }
 
     #[test]

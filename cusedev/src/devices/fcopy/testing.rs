@@ -11,6 +11,7 @@ use vmbus::packet::{encode_inband, parse_packet};
 use crate::bus::channel::{ChannelDriver, HostChannel, InboundPacket, InboundRing, RecvError};
 use crate::device::{Caller, Device, Errno, Handle};
 use crate::devices::hvutil_transport::wait_for;
+use crate::reply::testing::{answer_of, answered_now};
 
 /// A packet the driver sent to the host.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -95,6 +96,50 @@ impl HostChannel for TestChannel {
 
 pub(crate) fn caller() -> Caller {
     Caller::detached(4242)
+}
+
+/// A read that waits for its answer, however it comes (at once, or after parking).
+pub(crate) fn read_blocking(
+    dev: &dyn Device,
+    h: Handle,
+    count: u32,
+    caller: &Caller,
+) -> Result<Vec<u8>, Errno> {
+    answer_of(&caller.interrupt, |reply| {
+        dev.read(h, count, 0, caller, reply)
+    })
+}
+
+/// A write, which these drivers always answer before returning.
+pub(crate) fn write_now(dev: &dyn Device, h: Handle, data: &[u8]) -> Result<u32, Errno> {
+    write_at(dev, h, data, 0)
+}
+
+/// A write at `offset`, answered before it returns.
+pub(crate) fn write_at(
+    dev: &dyn Device,
+    h: Handle,
+    data: &[u8],
+    offset: u64,
+) -> Result<u32, Errno> {
+    let caller = caller();
+    let (answer, _rx) = answered_now(&caller.interrupt, |reply| {
+        dev.write(h, data, offset, &caller, reply)
+    });
+    answer.expect("a write is answered before it returns")
+}
+
+/// A read of `count` bytes at `offset` that waits for its answer.
+pub(crate) fn read_at(
+    dev: &dyn Device,
+    h: Handle,
+    count: u32,
+    offset: u64,
+) -> Result<Vec<u8>, Errno> {
+    let caller = caller();
+    answer_of(&caller.interrupt, |reply| {
+        dev.read(h, count, offset, &caller, reply)
+    })
 }
 
 /// `HV_E_FAIL`, what the driver answers for a request that failed on its side.
@@ -211,12 +256,12 @@ impl<D: RigDevice> Rig<D> {
     }
 
     pub(crate) fn write_u32(&self, h: Handle, value: u32) -> Result<u32, Errno> {
-        self.dev.write(h, &value.to_le_bytes(), 0, &caller())
+        write_now(&*self.dev, h, &value.to_le_bytes())
     }
 
-    /// A read with the buffer size this profile's daemon uses.
+    /// A read with the buffer size this profile's daemon uses, waiting for its answer.
     pub(crate) fn read(&self, h: Handle) -> Result<Vec<u8>, Errno> {
-        self.dev.read(h, D::READ_LEN, 0, &caller())
+        read_blocking(&*self.dev, h, D::READ_LEN, &caller())
     }
 
     /// Starts a read on another thread and waits until it sleeps.
@@ -229,7 +274,7 @@ impl<D: RigDevice> Rig<D> {
         let reader = {
             let dev = self.dev.clone();
             let caller = caller.clone();
-            std::thread::spawn(move || dev.read(h, D::READ_LEN, 0, &caller))
+            std::thread::spawn(move || read_blocking(&*dev, h, D::READ_LEN, &caller))
         };
         wait_for("the reader to sleep", || {
             self.dev.sleeping_readers() > before
