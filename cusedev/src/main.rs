@@ -5,14 +5,16 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::thread;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use log::{error, info};
 use nix::sys::signal::{SigSet, Signal};
 use vmbus::address::BusAddress;
 
 use cusedev::bus::client::BusClient;
+use cusedev::devices::hv_util::KernelProfile;
+use cusedev::devices::DRIVER_TABLE;
 use cusedev::frontend::{Frontend, FrontendChoice};
-use cusedev::profile::KernelProfile;
+use cusedev::table::{describe, Drivers, ProfileChoice, ProfileError};
 
 const ABOUT: &str = "Serve Linux misc character devices (/dev/vmbus/hv_fcopy, ...) from \
 userspace, backed by a host reached over the cusedev bus.";
@@ -25,8 +27,17 @@ Which --kernel profile to choose:
               with it (it writes version 1; the 2014 driver accepts only 0 and never replies),
               so use it only to test software written for that driver.
 
+--kernel applies to the Hyper-V util drivers; any device's profile can be chosen with
+--profile DEVICE=PROFILE (the list of devices and profiles is at the end).
+
 Connects to the host and serves every device it offers until stopped (SIGINT/SIGTERM).
 Device nodes come and go with the host's offers and rescinds.";
+
+const SERVE_EXAMPLES: &str = "\
+Examples:
+  cusedev serve --host unix:/run/cusedev/bus.sock --frontend fuse
+  cusedev serve --host vsock:2:5000 --frontend cuse     (in a QEMU guest)
+  cusedev serve --profile fcopy=linux-3.14";
 
 const LONG_ABOUT: &str = "\
 Serve Linux misc character devices (/dev/vmbus/hv_fcopy, ...) from userspace, backed by a host
@@ -47,11 +58,8 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Connect to the host and serve every device it offers until stopped (SIGINT/SIGTERM).
-    #[command(
-        long_about = SERVE_LONG_ABOUT,
-        after_help = "Examples:\n  cusedev serve --host unix:/run/cusedev/bus.sock --frontend fuse\n  \
-                      cusedev serve --host vsock:2:5000 --frontend cuse     (in a QEMU guest)"
-    )]
+    /// (Its --help ends with the devices of the driver table, added in `main`.)
+    #[command(long_about = SERVE_LONG_ABOUT)]
     Serve(ServeArgs),
 }
 
@@ -68,6 +76,10 @@ struct ServeArgs {
     /// Which kernel's driver behaviour to reproduce (see above).
     #[arg(long, value_enum, default_value_t = KernelProfile::Linux6_1)]
     kernel: KernelProfile,
+    /// The profile of one device, by its name or node (see the list below); overrides
+    /// --kernel for that device. Repeat for more devices.
+    #[arg(long = "profile", value_name = "DEVICE=PROFILE", value_parser = parse_profile)]
+    profiles: Vec<ProfileChoice>,
     /// The directory device names are relative to. FUSE mounts its directories here; CUSE
     /// devices appear in /dev through devtmpfs, and cusedev also makes their nodes here
     /// when they are missing (no devtmpfs, or another directory).
@@ -75,13 +87,41 @@ struct ServeArgs {
     dev_root: PathBuf,
 }
 
+/// `--profile DEVICE=PROFILE`, checked against the driver table.
+fn parse_profile(arg: &str) -> Result<ProfileChoice, ProfileError> {
+    ProfileChoice::parse(DRIVER_TABLE, arg)
+}
+
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
-    let Command::Serve(args) = Cli::parse().command;
+    // The device list is generated from the table, so it cannot be a derive attribute.
+    let after_help = format!("{}\n\n{SERVE_EXAMPLES}", describe(DRIVER_TABLE));
+    let matches = Cli::command()
+        .mut_subcommand("serve", |serve| serve.after_help(after_help))
+        .get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
+    let Command::Serve(args) = cli.command;
     serve(args)
 }
 
 fn serve(args: ServeArgs) -> ExitCode {
+    let drivers = match Drivers::configure(DRIVER_TABLE, Some(args.kernel.name()), &args.profiles) {
+        Ok(drivers) => drivers,
+        Err(e) => {
+            error!("{e}");
+            return ExitCode::from(2);
+        }
+    };
+    for (row, profile) in drivers.iter() {
+        info!(
+            "driver {}: /dev/{}, profile {}",
+            row.name, row.node, profile.name
+        );
+    }
+
     // Signals are taken by one thread with sigwait(); block them before any thread starts so
     // every thread inherits the mask.
     let mut stop_signals = SigSet::empty();
@@ -100,7 +140,7 @@ fn serve(args: ServeArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let client = BusClient::new(args.host, args.kernel, registry.clone());
+    let client = BusClient::new(args.host, drivers, registry.clone());
     let (done_tx, done_rx) = std::sync::mpsc::channel::<ExitCode>();
     let bus_done = done_tx.clone();
     thread::spawn(move || {

@@ -3,6 +3,10 @@
 //!
 //! Readiness is awaited on log lines the programs print (the host says it listens, cusedev says
 //! which node it serves, the driver says a daemon registered), never on sleeps.
+//!
+//! [`Rig::builder`] starts the pair for any device: say which nodes to wait for
+//! ([`RigBuilder::serves`]) and which arguments cusedev and fakehost get. [`Rig::start`] is
+//! the fcopy rig most tests here use.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -16,6 +20,15 @@ pub const FCOPY_DAEMON: &str = "/usr/sbin/hv_fcopy_daemon";
 
 /// The node the daemon opens; fixed in the daemon's source.
 pub const FCOPY_NODE: &str = "/dev/vmbus/hv_fcopy";
+
+/// fcopy's device name as cusedev's driver table has it (relative to /dev).
+pub const FCOPY_DEVICE: &str = "vmbus/hv_fcopy";
+
+/// What cusedev logs once it serves `device` (a name relative to /dev, `"vmbus/hv_fcopy"`):
+/// the bus client's `serving /dev/NODE (ROW, profile P, relid N)`.
+pub fn served_line(device: &str) -> String {
+    format!("serving /dev/{device} (")
+}
 
 /// How long any readiness wait may take before the test fails with the log it has seen.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(60);
@@ -104,6 +117,12 @@ impl Supervised {
         self.wait_for_log_from(0, needle)
     }
 
+    /// For a cusedev child: waits until it serves `device` (relative to /dev), counting from
+    /// log line `from`; returns the index after that line.
+    pub fn wait_for_device_from(&self, from: usize, device: &str) -> usize {
+        self.wait_for_log_from(from, &served_line(device))
+    }
+
     /// How many lines have been logged so far (a mark for `wait_for_log_from`).
     pub fn log_mark(&self) -> usize {
         self.log.lines.lock().unwrap().len()
@@ -170,26 +189,48 @@ pub struct Rig {
     pub guest: Supervised,
 }
 
-impl Rig {
-    /// Starts the host and the guest with the given kernel profile and waits until the fcopy
-    /// node is served. The caller must already be in a private mount namespace.
-    pub fn start(test: &str, kernel: &str) -> Rig {
-        Rig::start_with(test, kernel, &[])
+/// What a [`Rig`] starts: the arguments of each side and the device nodes to wait for.
+pub struct RigBuilder {
+    test: String,
+    frontend: String,
+    guest_args: Vec<String>,
+    host_args: Vec<String>,
+    devices: Vec<String>,
+}
+
+impl RigBuilder {
+    /// cusedev's `--frontend` (default `fuse`).
+    pub fn frontend(mut self, frontend: &str) -> RigBuilder {
+        self.frontend = frontend.to_string();
+        self
     }
 
-    pub fn start_with(test: &str, kernel: &str, host_args: &[&str]) -> Rig {
-        Rig::start_full(test, kernel, "fuse", host_args)
+    /// More arguments for `cusedev serve` (`--kernel linux-3.14`, `--profile D=P`).
+    pub fn guest_args(mut self, args: &[&str]) -> RigBuilder {
+        self.guest_args.extend(args.iter().map(|a| a.to_string()));
+        self
     }
 
-    /// Like [`Rig::start`] with cusedev's `--frontend` chosen by the test.
-    pub fn start_with_frontend(test: &str, kernel: &str, frontend: &str) -> Rig {
-        Rig::start_full(test, kernel, frontend, &[])
+    /// More arguments for `fakehost serve`.
+    pub fn host_args(mut self, args: &[&str]) -> RigBuilder {
+        self.host_args.extend(args.iter().map(|a| a.to_string()));
+        self
     }
 
-    fn start_full(test: &str, kernel: &str, frontend: &str, host_args: &[&str]) -> Rig {
-        let dir = scratch_dir(test);
+    /// [`RigBuilder::start`] returns once cusedev serves `device` (relative to /dev, as in
+    /// the driver table: `"vmbus/hv_fcopy"`). Repeat for more devices.
+    pub fn serves(mut self, device: &str) -> RigBuilder {
+        self.devices.push(device.to_string());
+        self
+    }
+
+    /// Starts the host and the guest and waits for every device asked for. The caller must
+    /// already be in a private mount namespace.
+    pub fn start(self) -> Rig {
+        let dir = scratch_dir(&self.test);
         let bus = dir.join("bus.sock");
-        let host = spawn_host(&dir, host_args);
+        let host_args: Vec<&str> = self.host_args.iter().map(String::as_str).collect();
+        let host = spawn_host(&dir, &host_args);
         let guest = Supervised::spawn(
             "cusedev",
             Command::new(workspace_binary("cusedev"))
@@ -197,13 +238,58 @@ impl Rig {
                 .arg("--host")
                 .arg(format!("unix:{}", bus.display()))
                 .arg("--frontend")
-                .arg(frontend)
-                .arg("--kernel")
-                .arg(kernel)
+                .arg(&self.frontend)
+                .args(&self.guest_args)
                 .env("RUST_LOG", "info"),
         );
-        guest.wait_for_log(&format!("serving {FCOPY_NODE}"));
+        for device in &self.devices {
+            guest.wait_for_device_from(0, device);
+        }
         Rig { dir, host, guest }
+    }
+}
+
+impl Rig {
+    /// A rig for `test` that serves nothing in particular yet: add devices and arguments.
+    pub fn builder(test: &str) -> RigBuilder {
+        RigBuilder {
+            test: test.to_string(),
+            frontend: "fuse".to_string(),
+            guest_args: Vec::new(),
+            host_args: Vec::new(),
+            devices: Vec::new(),
+        }
+    }
+
+    /// The fcopy rig: starts the host and the guest with the given kernel profile and waits
+    /// until the fcopy node is served. The caller must already be in a private mount
+    /// namespace.
+    pub fn start(test: &str, kernel: &str) -> Rig {
+        Rig::start_with(test, kernel, &[])
+    }
+
+    /// The fcopy rig with more arguments for fakehost.
+    pub fn start_with(test: &str, kernel: &str, host_args: &[&str]) -> Rig {
+        Rig::builder(test)
+            .guest_args(&["--kernel", kernel])
+            .host_args(host_args)
+            .serves(FCOPY_DEVICE)
+            .start()
+    }
+
+    /// Like [`Rig::start`] with cusedev's `--frontend` chosen by the test.
+    pub fn start_with_frontend(test: &str, kernel: &str, frontend: &str) -> Rig {
+        Rig::builder(test)
+            .frontend(frontend)
+            .guest_args(&["--kernel", kernel])
+            .serves(FCOPY_DEVICE)
+            .start()
+    }
+
+    /// Waits until cusedev serves `device` again, counting from log line `from` (a
+    /// [`Supervised::log_mark`] taken before the re-offer).
+    pub fn wait_for_device_from(&self, from: usize, device: &str) -> usize {
+        self.guest.wait_for_device_from(from, device)
     }
 
     /// Starts a new host on the same sockets (after the old one died).

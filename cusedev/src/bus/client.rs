@@ -1,14 +1,19 @@
 //! The guest end of the bus: what `vmbus_drv` and `hv_utils` do when a host offers channels.
 //!
 //! The client keeps one control stream to the host. It negotiates a VMBus version, asks for
-//! the offers, and for every offer whose class it has a driver for, opens the channel (a
-//! stream of its own), creates the driver and shows its device node through the frontend. A
-//! rescind undoes that in the kernel's order: the driver's deinit (which for the 6.1 hvutil
-//! transport waits until the daemon closes its fd), then the node goes, then the channel is
-//! closed and the relid released.
+//! the offers, and looks every offered class up in the driver table ([`Drivers`]). For an
+//! offer with a row it opens the channel (a stream of its own) with the row's ring size, runs
+//! the row's probe to build the model, and shows its device node through the frontend; an
+//! offer with no row, or whose probe fails, is left alone (logged, the channel closed again).
+//! A rescind undoes a binding in the kernel's order: the driver's deinit (which for the 6.1
+//! hvutil transport waits until the daemon closes its fd), then the node goes, then the
+//! channel is closed and the relid released.
 //!
 //! If the host goes away, every channel is treated as rescinded and the client reconnects:
 //! the node disappears while there is no host, as it would in a guest whose VMBus went away.
+//!
+//! Read next: [`super::channel`] (what a driver sees of its channel), then the models behind
+//! the rows ([`crate::devices`]); the frontends are behind [`DeviceRegistry`].
 
 use std::collections::HashMap;
 use std::io;
@@ -29,8 +34,7 @@ use vmbus::stream::{kind, Hello, Role};
 use super::channel::{ChannelDriver, HostChannel, InboundPacket, InboundRing};
 use super::frame_io::{read_frame, write_frame, FrameError};
 use crate::device::Device;
-use crate::devices::fcopy::HvFcopy;
-use crate::profile::KernelProfile;
+use crate::table::{BusClass, DriverRow, Drivers, ProbeError, Profile};
 
 /// VMBus versions the guest asks for, newest first (drivers/hv/connection.c tries each until
 /// the host accepts one).
@@ -42,9 +46,6 @@ const VMBUS_VERSIONS: [u32; 6] = [
     4 << 16 | 1,
     4 << 16,
 ];
-
-/// Ring data area of a util channel in 6.1: `VMBUS_RING_SIZE(3 * 4096)` minus the header page.
-const UTIL_RING_BYTES: usize = 2 * 4096;
 
 /// Where device nodes come and go: implemented by each frontend.
 pub trait DeviceRegistry: Send + Sync {
@@ -67,25 +68,60 @@ pub enum BusError {
     Protocol(String),
 }
 
+/// Why an offer with a row in the table was not bound. The offer is left alone.
+#[derive(Debug, thiserror::Error)]
+enum BindError {
+    #[error("sending OPENCHANNEL: {0}")]
+    SendOpen(io::Error),
+    #[error("the host did not answer OPENCHANNEL within {0:?}")]
+    OpenTimeout(Duration),
+    #[error("the host refused to open the channel (status {0:#x})")]
+    OpenRefused(u32),
+    #[error("{what}: {source}")]
+    Stream {
+        what: &'static str,
+        source: io::Error,
+    },
+    #[error("the driver's probe failed: {0}")]
+    Probe(#[from] ProbeError),
+    #[error(
+        "the model calls its node {model:?} but its row says {row:?} (the driver table and the \
+         model disagree)"
+    )]
+    WrongNode { model: String, row: &'static str },
+    #[error("the frontend cannot add the node: {0}")]
+    Register(String),
+}
+
+/// How long the host has to answer OPENCHANNEL.
+const OPEN_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// The guest side of the bus.
 pub struct BusClient {
     addr: BusAddress,
-    profile: KernelProfile,
+    drivers: Arc<Drivers>,
     registry: Arc<dyn DeviceRegistry>,
 }
 
-/// A bound channel: its driver, its node name, its stream.
+/// A bound channel: its row, its driver, its node name, its stream.
 struct BoundChannel {
+    row: &'static DriverRow,
     driver: Arc<dyn ChannelDriver>,
     device_name: String,
     ring: Arc<InboundRing>,
     stream: BusStream,
 }
 
+/// A channel the host has opened for us, not yet bound to a driver.
+struct OpenedChannel {
+    link: Arc<StreamChannel>,
+    stream: BusStream,
+}
+
 /// State shared by the control loop and the threads that open and tear down channels.
 struct Session {
     addr: BusAddress,
-    profile: KernelProfile,
+    drivers: Arc<Drivers>,
     registry: Arc<dyn DeviceRegistry>,
     control: Mutex<BusStream>,
     pending_opens: Mutex<HashMap<u32, mpsc::Sender<u32>>>,
@@ -94,14 +130,12 @@ struct Session {
 }
 
 impl BusClient {
-    pub fn new(
-        addr: BusAddress,
-        profile: KernelProfile,
-        registry: Arc<dyn DeviceRegistry>,
-    ) -> BusClient {
+    /// A client that binds the offers `drivers` has rows for and shows their nodes through
+    /// `registry`.
+    pub fn new(addr: BusAddress, drivers: Drivers, registry: Arc<dyn DeviceRegistry>) -> BusClient {
         BusClient {
             addr,
-            profile,
+            drivers: Arc::new(drivers),
             registry,
         }
     }
@@ -135,26 +169,33 @@ impl BusClient {
             };
             delay = Duration::from_millis(100);
             announced_wait = false;
-            let session = Arc::new(Session {
-                addr: self.addr.clone(),
-                profile: self.profile,
-                registry: self.registry.clone(),
-                control: Mutex::new(stream.try_clone().map_err(|source| BusError::Connect {
-                    addr: self.addr.clone(),
-                    source,
-                })?),
-                pending_opens: Mutex::new(HashMap::new()),
-                channels: Mutex::new(HashMap::new()),
-                next_open_id: AtomicU32::new(1),
-            });
-            match session.run(stream) {
+            match self.run_session(stream) {
                 Ok(()) => warn!("the host at {} closed the bus", self.addr),
                 Err(BusError::NoVersion { addr }) => return Err(BusError::NoVersion { addr }),
                 Err(e) => warn!("bus session with {} ended: {e}", self.addr),
             }
-            session.rescind_all();
             info!("reconnecting to {}", self.addr);
         }
+    }
+
+    /// One session on a connected control stream, until the host goes away; every channel
+    /// of it is gone (as if rescinded) when this returns.
+    fn run_session(&self, stream: BusStream) -> Result<(), BusError> {
+        let session = Arc::new(Session {
+            addr: self.addr.clone(),
+            drivers: self.drivers.clone(),
+            registry: self.registry.clone(),
+            control: Mutex::new(stream.try_clone().map_err(|source| BusError::Connect {
+                addr: self.addr.clone(),
+                source,
+            })?),
+            pending_opens: Mutex::new(HashMap::new()),
+            channels: Mutex::new(HashMap::new()),
+            next_open_id: AtomicU32::new(1),
+        });
+        let result = session.run(stream);
+        session.rescind_all();
+        result
     }
 
     fn connect(&self) -> Result<BusStream, BusError> {
@@ -263,25 +304,136 @@ impl Session {
     }
 
     fn on_offer(self: &Arc<Self>, if_type: Guid, if_instance: Guid, child_relid: u32) {
-        if if_type != Guid::FCOPY {
+        let class = BusClass::Vmbus(if_type);
+        let Some((row, profile)) = self.drivers.for_class(class) else {
             info!(
-                "host offers {} ({if_type}), relid {child_relid}: no driver for it here, left alone",
+                "host offers {} ({class}), relid {child_relid}: no driver for it here, left alone",
                 if_type.service_name().unwrap_or("an unknown service")
             );
             return;
-        }
-        info!("host offers fcopy (instance {if_instance}), relid {child_relid}");
+        };
+        info!(
+            "host offers {} ({class}, instance {if_instance}), relid {child_relid}",
+            row.name
+        );
         // Opening waits for OPENCHANNEL_RESULT, which this thread's caller (the control loop)
         // delivers: do it on a thread of its own.
         let session = self.clone();
         thread::spawn(move || {
-            if let Err(e) = session.open_fcopy(child_relid) {
-                error!("cannot bind fcopy on relid {child_relid}: {e}");
+            if let Err(e) = session.bind(row, profile, child_relid) {
+                error!(
+                    "cannot bind {} on relid {child_relid}: {e}; the offer is left alone",
+                    row.name
+                );
             }
         });
     }
 
-    fn open_fcopy(self: &Arc<Self>, child_relid: u32) -> Result<(), String> {
+    /// The kernel's `vmbus_probe()` → driver probe → `misc_register()`, for one offer: open
+    /// the channel with the row's ring, build the model, show its node, start its callbacks.
+    /// On failure nothing of the binding is left, and the host has its channel back closed.
+    fn bind(
+        self: &Arc<Self>,
+        row: &'static DriverRow,
+        profile: &'static Profile,
+        child_relid: u32,
+    ) -> Result<(), BindError> {
+        let opened = self.open_channel(child_relid, row.ring_bytes)?;
+        let device = match (row.probe)(opened.link.clone(), profile) {
+            Ok(device) if device.name() == row.node => device,
+            Ok(device) => {
+                let model = device.name().to_string();
+                drop(device);
+                self.close_unbound(child_relid, &opened.link.ring, &opened.stream);
+                return Err(BindError::WrongNode {
+                    model,
+                    row: row.node,
+                });
+            }
+            Err(e) => {
+                self.close_unbound(child_relid, &opened.link.ring, &opened.stream);
+                return Err(e.into());
+            }
+        };
+        let ring = opened.link.ring.clone();
+        let stream = opened.stream;
+        let reader = match stream.try_clone() {
+            Ok(reader) => reader,
+            Err(source) => {
+                self.close_unbound(child_relid, &ring, &stream);
+                return Err(BindError::Stream {
+                    what: "cloning the channel stream",
+                    source,
+                });
+            }
+        };
+        let driver: Arc<dyn ChannelDriver> = device.clone();
+        let device_name = row.node.to_string();
+        self.channels
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(
+                child_relid,
+                BoundChannel {
+                    row,
+                    driver: driver.clone(),
+                    device_name: device_name.clone(),
+                    ring: ring.clone(),
+                    stream,
+                },
+            );
+        let device: Arc<dyn Device> = device;
+        if let Err(e) = self.registry.add_device(device) {
+            // No node, so nobody can reach the driver: unbind as if the probe had failed,
+            // unless a rescind already took the channel.
+            let bound = self
+                .channels
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&child_relid);
+            if let Some(bound) = bound {
+                self.close_unbound(child_relid, &bound.ring, &bound.stream);
+            }
+            return Err(BindError::Register(e));
+        }
+        let session = self.clone();
+        let pump_ring = ring.clone();
+        let spawned = thread::Builder::new()
+            .name(format!("chan-{child_relid}"))
+            .spawn(move || {
+                if let Err(e) = pump_channel(reader, pump_ring, driver, child_relid) {
+                    // Framing is lost: nothing more can be read from this channel. Leaving
+                    // the node would leave a device nobody answers, so it goes as if
+                    // rescinded, and the host learns the relid is released.
+                    error!(
+                        "relid {child_relid}: channel stream broken ({e}); removing the device \
+                         as if rescinded, the host must offer it again"
+                    );
+                    session.rescind(child_relid);
+                }
+            });
+        if let Err(source) = spawned {
+            // A device whose channel is never read cannot work: the same as a broken stream.
+            error!("relid {child_relid}: cannot start the channel reader ({source})");
+            self.rescind(child_relid);
+            return Err(BindError::Stream {
+                what: "starting the channel reader",
+                source,
+            });
+        }
+        info!(
+            "serving /dev/{device_name} ({}, profile {}, relid {child_relid})",
+            row.name, profile.name
+        );
+        Ok(())
+    }
+
+    /// OPENCHANNEL, its answer, and the channel's stream: `vmbus_open()`.
+    fn open_channel(
+        self: &Arc<Self>,
+        child_relid: u32,
+        ring_bytes: usize,
+    ) -> Result<OpenedChannel, BindError> {
         let open_id = self.next_open_id.fetch_add(1, Ordering::Relaxed);
         let (answer_tx, answer_rx) = mpsc::channel();
         self.pending_opens
@@ -292,79 +444,62 @@ impl Session {
             child_relid,
             open_id,
         })
-        .map_err(|e| format!("sending OPENCHANNEL: {e}"))?;
+        .map_err(BindError::SendOpen)?;
         let status = answer_rx
-            .recv_timeout(Duration::from_secs(30))
-            .map_err(|_| "the host did not answer OPENCHANNEL".to_string())?;
+            .recv_timeout(OPEN_TIMEOUT)
+            .map_err(|_| BindError::OpenTimeout(OPEN_TIMEOUT))?;
         if status != 0 {
-            return Err(format!(
-                "the host refused to open the channel (status {status:#x})"
-            ));
+            return Err(BindError::OpenRefused(status));
         }
 
+        match self.connect_channel(child_relid, open_id, ring_bytes) {
+            Ok(opened) => Ok(opened),
+            Err(e) => {
+                // The host has the channel open: give it back.
+                if let Err(e) = self.send_control(&ChannelMessage::CloseChannel { child_relid }) {
+                    debug!("could not tell the host relid {child_relid} is closed: {e}");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// The stream of a channel the host has just opened: HELLO with its open id.
+    fn connect_channel(
+        &self,
+        child_relid: u32,
+        open_id: u32,
+        ring_bytes: usize,
+    ) -> Result<OpenedChannel, BindError> {
+        let stream_error = |what| move |source| BindError::Stream { what, source };
         let mut stream = BusStream::connect(&self.addr)
-            .map_err(|e| format!("connecting the channel stream: {e}"))?;
+            .map_err(stream_error("connecting the channel stream"))?;
         let hello = Hello {
             role: Role::Channel,
             child_relid,
             open_id,
         };
         write_frame(&mut stream, kind::HELLO, &hello.encode())
-            .map_err(|e| format!("sending the channel HELLO: {e}"))?;
-
-        let ring = Arc::new(InboundRing::new(UTIL_RING_BYTES));
+            .map_err(stream_error("sending the channel HELLO"))?;
+        let writer = stream
+            .try_clone()
+            .map_err(stream_error("cloning the channel stream"))?;
         let link = Arc::new(StreamChannel {
-            ring: ring.clone(),
-            writer: Mutex::new(
-                stream
-                    .try_clone()
-                    .map_err(|e| format!("cloning the channel stream: {e}"))?,
-            ),
+            ring: Arc::new(InboundRing::new(ring_bytes)),
+            writer: Mutex::new(writer),
             child_relid,
         });
-        let fcopy = HvFcopy::new(self.profile, link as Arc<dyn HostChannel>);
-        let driver: Arc<dyn ChannelDriver> = fcopy.clone();
-        let device: Arc<dyn Device> = fcopy;
-        let device_name = device.name().to_string();
+        Ok(OpenedChannel { link, stream })
+    }
 
-        let reader = stream
-            .try_clone()
-            .map_err(|e| format!("cloning the channel stream: {e}"))?;
-        self.channels
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(
-                child_relid,
-                BoundChannel {
-                    driver: driver.clone(),
-                    device_name: device_name.clone(),
-                    ring: ring.clone(),
-                    stream,
-                },
-            );
-        let session = self.clone();
-        thread::Builder::new()
-            .name(format!("chan-{child_relid}"))
-            .spawn(move || {
-                if let Err(e) = pump_channel(reader, ring, driver, child_relid) {
-                    // Framing is lost: nothing more can be read from this channel. Leaving
-                    // the node would leave a device nobody answers, so it goes as if
-                    // rescinded, and the host learns the relid is released.
-                    error!(
-                        "relid {child_relid}: channel stream broken ({e}); removing the device \
-                         as if rescinded, the host must offer it again"
-                    );
-                    session.rescind(child_relid);
-                }
-            })
-            .map_err(|e| format!("starting the channel reader: {e}"))?;
-
-        self.registry.add_device(device)?;
-        info!(
-            "serving /dev/{device_name} (fcopy, kernel profile {}, relid {child_relid})",
-            self.profile
-        );
-        Ok(())
+    /// Undoes [`Session::open_channel`] for a channel no driver took: `vmbus_close()`. The
+    /// offer stays offered; the relid is not released (only a rescind releases it).
+    fn close_unbound(&self, child_relid: u32, ring: &InboundRing, stream: &BusStream) {
+        ring.close();
+        let _ = stream.shutdown(std::net::Shutdown::Both);
+        if let Err(e) = self.send_control(&ChannelMessage::CloseChannel { child_relid }) {
+            debug!("could not tell the host relid {child_relid} is closed: {e}");
+        }
     }
 
     /// RESCIND_CHANNELOFFER: the kernel's util_remove, in its order.
@@ -379,8 +514,8 @@ impl Session {
             return;
         };
         info!(
-            "host rescinded relid {child_relid} (/dev/{})",
-            bound.device_name
+            "host rescinded relid {child_relid} ({}, /dev/{})",
+            bound.row.name, bound.device_name
         );
         let name = bound.device_name.clone();
         teardown(bound, &*self.registry);
@@ -405,8 +540,8 @@ impl Session {
             .collect();
         for (relid, bound) in channels {
             info!(
-                "relid {relid} (/dev/{}) is gone with the host",
-                bound.device_name
+                "relid {relid} ({}, /dev/{}) is gone with the host",
+                bound.row.name, bound.device_name
             );
             teardown(bound, &*self.registry);
         }
@@ -497,3 +632,7 @@ impl HostChannel for StreamChannel {
         }
     }
 }
+
+#[cfg(test)]
+#[path = "client_tests.rs"]
+mod tests;

@@ -1,5 +1,28 @@
-//! Device models: one module per kernel driver.
+//! Device models, one module per kernel driver, and [`DRIVER_TABLE`]: the one list of them.
+//!
+//! A row says everything the rest of cusedev needs to know about a device (see
+//! [`crate::table`] for what each field means); the model behind it is its module here. To
+//! add a device, follow docs/adding-a-device.md: a module here and a row below.
+//!
+//! Read next: [`fcopy`], the first row's model, and [`hv_util`], what the Hyper-V util
+//! drivers share.
 
 pub mod delayed_work;
 pub mod fcopy;
+pub mod hv_util;
 pub mod hvutil_transport;
+
+use vmbus::guid::Guid;
+
+use crate::table::{BusClass, DriverRow};
+
+/// Every device cusedev can serve: the kernel's `util_id_table` and `misc_register()` calls.
+pub static DRIVER_TABLE: &[DriverRow] = &[DriverRow {
+    name: "fcopy",
+    node: fcopy::DEVICE_NAME,
+    about: "Hyper-V file copy (Copy-VMFile on the host), served to hv_fcopy_daemon",
+    class: BusClass::Vmbus(Guid::FCOPY),
+    ring_bytes: hv_util::UTIL_RING_BYTES,
+    profiles: hv_util::KERNEL_PROFILES,
+    probe: fcopy::probe,
+}];

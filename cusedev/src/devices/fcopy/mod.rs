@@ -19,8 +19,9 @@
 //!   30 s timeout, poll, EBADF on removal, host requests failed at once without a daemon).
 //!
 //! What the two have in common lives here: the persistent receive buffer and the message the
-//! daemon gets for a START. [`HvFcopy`] is the device the frontends and the bus client see;
-//! it implements both [`Device`] (the char device) and [`ChannelDriver`] (the channel side).
+//! daemon gets for a START. [`probe`] builds the profile's model for the driver table; each
+//! model is both [`Device`](crate::device::Device) (the char device) and
+//! [`ChannelDriver`](crate::bus::channel::ChannelDriver) (the channel side).
 //!
 //! Receive buffer: `util_probe()` allocates 4 pages per util channel once, and the fcopy
 //! callback reads every packet into the start of it with a 2-page limit. Nothing ever clears
@@ -43,11 +44,9 @@ use vmbus::ic::{set_reply, ICMSG_HDR_LEN};
 use vmbus::utf16::Overflow;
 use zerocopy::IntoBytes;
 
-use crate::bus::channel::{ChannelDriver, HostChannel};
-use crate::device::{
-    Caller, Device, Errno, Handle, IoctlAnswer, IoctlCall, PollWaker, ReadReply, WriteReply,
-};
-use crate::profile::KernelProfile;
+use crate::bus::channel::HostChannel;
+use crate::devices::hv_util::KernelProfile;
+use crate::table::{ChannelDevice, ProbeError, Profile};
 
 /// The misc device name: `/dev/vmbus/hv_fcopy` (both eras).
 pub const DEVICE_NAME: &str = "vmbus/hv_fcopy";
@@ -208,135 +207,62 @@ pub(crate) fn op_name(op: u32) -> &'static str {
     }
 }
 
-/// The hv_fcopy driver of one channel, in the kernel version the profile selects.
+/// The hv_fcopy driver of one channel, in the kernel version `profile` selects, with the
+/// kernel's daemon timeout (5 s on linux-3.14, 30 s on linux-6.1).
 ///
-/// Bus side: bind it to the fcopy channel as its [`ChannelDriver`]; call
-/// [`ChannelDriver::on_channel_callback`] once per host packet pushed into the channel's
-/// inbound ring (each call reads at most one packet, like the kernel's callback), and
-/// [`ChannelDriver::on_rescind`] when the host rescinds the channel (on 6.1 this blocks until
-/// the daemon has closed the device; on 3.14 it returns at once).
+/// Bus side: bind it to the fcopy channel as its
+/// [`ChannelDriver`](crate::bus::channel::ChannelDriver); call `on_channel_callback` once per
+/// host packet pushed into the channel's inbound ring (each call reads at most one packet,
+/// like the kernel's callback), and `on_rescind` when the host rescinds the channel (on 6.1
+/// this blocks until the daemon has closed the device; on 3.14 it returns at once).
 ///
-/// Frontend side: serve it as a [`Device`] named [`DEVICE_NAME`], mode 0600.
-pub struct HvFcopy {
+/// Frontend side: serve it as a [`Device`](crate::device::Device) named [`DEVICE_NAME`],
+/// mode 0600.
+pub fn new(profile: KernelProfile, channel: Arc<dyn HostChannel>) -> Arc<dyn ChannelDevice> {
+    with_timeout(profile, channel, default_timeout(profile))
+}
+
+/// Like [`new`] with another daemon timeout (for tests).
+pub fn with_timeout(
     profile: KernelProfile,
-    model: Model,
-}
-
-enum Model {
-    Linux3_14(Arc<linux_3_14::SeedFcopy>),
-    Linux6_1(Arc<linux_6_1::Fcopy61>),
-}
-
-impl HvFcopy {
-    /// The driver for `profile` on `channel`, with the kernel's daemon timeout (5 s on
-    /// linux-3.14, 30 s on linux-6.1).
-    pub fn new(profile: KernelProfile, channel: Arc<dyn HostChannel>) -> Arc<HvFcopy> {
-        HvFcopy::with_timeout(profile, channel, Self::default_timeout(profile))
-    }
-
-    /// Like [`HvFcopy::new`] with another daemon timeout (for tests).
-    pub fn with_timeout(
-        profile: KernelProfile,
-        channel: Arc<dyn HostChannel>,
-        daemon_timeout: Duration,
-    ) -> Arc<HvFcopy> {
-        let model = match profile {
-            KernelProfile::Linux3_14 => {
-                Model::Linux3_14(linux_3_14::SeedFcopy::new(channel, daemon_timeout))
-            }
-            KernelProfile::Linux6_1 => {
-                Model::Linux6_1(linux_6_1::Fcopy61::new(channel, daemon_timeout))
-            }
-        };
-        Arc::new(HvFcopy { profile, model })
-    }
-
-    /// The kernel's daemon timeout for `profile`: `5*HZ` in the seed, `HV_UTIL_TIMEOUT` = 30 s
-    /// in 6.1.
-    pub fn default_timeout(profile: KernelProfile) -> Duration {
-        match profile {
-            KernelProfile::Linux3_14 => linux_3_14::DAEMON_TIMEOUT,
-            KernelProfile::Linux6_1 => linux_6_1::DAEMON_TIMEOUT,
-        }
-    }
-
-    /// The kernel version this driver reproduces.
-    pub fn profile(&self) -> KernelProfile {
-        self.profile
-    }
-
-    fn device(&self) -> &dyn Device {
-        match &self.model {
-            Model::Linux3_14(seed) => &**seed,
-            Model::Linux6_1(fcopy) => &**fcopy,
-        }
-    }
-
-    fn driver(&self) -> &dyn ChannelDriver {
-        match &self.model {
-            Model::Linux3_14(seed) => &**seed,
-            Model::Linux6_1(fcopy) => &**fcopy,
-        }
+    channel: Arc<dyn HostChannel>,
+    daemon_timeout: Duration,
+) -> Arc<dyn ChannelDevice> {
+    match profile {
+        KernelProfile::Linux3_14 => linux_3_14::SeedFcopy::new(channel, daemon_timeout),
+        KernelProfile::Linux6_1 => linux_6_1::Fcopy61::new(channel, daemon_timeout),
     }
 }
 
-impl std::fmt::Debug for HvFcopy {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("HvFcopy")
-            .field("profile", &self.profile)
-            .finish()
+/// The kernel's daemon timeout for `profile`: `5*HZ` in the seed, `HV_UTIL_TIMEOUT` = 30 s
+/// in 6.1.
+pub fn default_timeout(profile: KernelProfile) -> Duration {
+    match profile {
+        KernelProfile::Linux3_14 => linux_3_14::DAEMON_TIMEOUT,
+        KernelProfile::Linux6_1 => linux_6_1::DAEMON_TIMEOUT,
     }
 }
 
-impl Device for HvFcopy {
-    fn name(&self) -> &str {
-        DEVICE_NAME
-    }
-
-    fn mode(&self) -> u32 {
-        self.device().mode()
-    }
-
-    fn open(&self, caller: &Caller, flags: i32) -> Result<Handle, Errno> {
-        self.device().open(caller, flags)
-    }
-
-    fn read(&self, handle: Handle, count: u32, offset: u64, caller: &Caller, reply: ReadReply) {
-        self.device().read(handle, count, offset, caller, reply)
-    }
-
-    fn write(&self, handle: Handle, data: &[u8], offset: u64, caller: &Caller, reply: WriteReply) {
-        self.device().write(handle, data, offset, caller, reply)
-    }
-
-    fn ioctl(&self, handle: Handle, call: &IoctlCall<'_>, caller: &Caller, reply: IoctlAnswer) {
-        self.device().ioctl(handle, call, caller, reply)
-    }
-
-    fn poll(&self, handle: Handle, waker: Option<PollWaker>) -> u32 {
-        self.device().poll(handle, waker)
-    }
-
-    fn release(&self, handle: Handle) {
-        self.device().release(handle)
-    }
-}
-
-impl ChannelDriver for HvFcopy {
-    fn on_channel_callback(&self) {
-        self.driver().on_channel_callback()
-    }
-
-    fn on_rescind(&self) {
-        self.driver().on_rescind()
-    }
+/// The driver table's probe for an fcopy offer ([`crate::devices::DRIVER_TABLE`]): the model
+/// of the row's profile, which is one of [`KERNEL_PROFILES`](crate::devices::hv_util::KERNEL_PROFILES).
+pub fn probe(
+    channel: Arc<dyn HostChannel>,
+    profile: &Profile,
+) -> Result<Arc<dyn ChannelDevice>, ProbeError> {
+    let kernel =
+        KernelProfile::from_name(profile.name).ok_or_else(|| ProbeError::UnknownProfile {
+            profile: profile.name.to_string(),
+        })?;
+    Ok(new(kernel, channel))
 }
 
 #[cfg(test)]
 mod tests {
     use super::testing::*;
     use super::*;
-    use crate::device::poll_bits;
+    use crate::device::{poll_bits, Device, Errno, Handle, IoctlCall};
+    use crate::devices::hv_util::KERNEL_PROFILES;
+    use crate::devices::DRIVER_TABLE;
 
     fn no_arg_ioctl() -> IoctlCall<'static> {
         IoctlCall {
@@ -357,36 +283,66 @@ mod tests {
 
     #[test]
     fn device_is_vmbus_hv_fcopy_mode_0600_in_both_profiles() {
-        for profile in [KernelProfile::Linux3_14, KernelProfile::Linux6_1] {
-            let dev = HvFcopy::new(profile, TestChannel::new());
+        for profile in KernelProfile::ALL {
+            let dev = new(profile, TestChannel::new());
             assert_eq!(dev.name(), "vmbus/hv_fcopy");
             assert_eq!(dev.mode(), 0o600);
-            assert_eq!(dev.profile(), profile);
         }
     }
 
     #[test]
     fn default_timeouts_are_5_s_seed_and_30_s_6_1() {
         assert_eq!(
-            HvFcopy::default_timeout(KernelProfile::Linux3_14),
+            default_timeout(KernelProfile::Linux3_14),
             Duration::from_secs(5)
         );
         assert_eq!(
-            HvFcopy::default_timeout(KernelProfile::Linux6_1),
+            default_timeout(KernelProfile::Linux6_1),
             Duration::from_secs(30)
         );
     }
 
     #[test]
     fn profiles_differ_in_poll_and_ioctl_is_enotty() {
-        let seed = HvFcopy::new(KernelProfile::Linux3_14, TestChannel::new());
+        let seed = new(KernelProfile::Linux3_14, TestChannel::new());
         let h = seed.open(&caller(), libc::O_RDWR).unwrap();
         assert_eq!(seed.poll(h, None), poll_bits::DEFAULT_POLLMASK);
         assert_eq!(ioctl_of(&*seed, h), Err(Errno::ENOTTY));
-        let new = HvFcopy::new(KernelProfile::Linux6_1, TestChannel::new());
+        let new = new(KernelProfile::Linux6_1, TestChannel::new());
         let h = new.open(&caller(), libc::O_RDWR).unwrap();
         assert_eq!(new.poll(h, None), 0);
         assert_eq!(ioctl_of(&*new, h), Err(Errno::ENOTTY));
+    }
+
+    #[test]
+    fn probe_builds_every_profile_of_the_row_under_the_row_node_name() {
+        let row = DRIVER_TABLE
+            .iter()
+            .find(|row| row.node == DEVICE_NAME)
+            .expect("fcopy has a row");
+        assert_eq!(row.profiles, KERNEL_PROFILES);
+        for profile in row.profiles.profiles {
+            let dev = (row.probe)(TestChannel::new(), profile).expect("probe");
+            assert_eq!(dev.name(), row.node);
+        }
+        // Which model each profile gets: the seed has no poll.
+        let seed = probe(
+            TestChannel::new(),
+            KERNEL_PROFILES.get("linux-3.14").unwrap(),
+        )
+        .unwrap();
+        let h = seed.open(&caller(), libc::O_RDWR).unwrap();
+        assert_eq!(seed.poll(h, None), poll_bits::DEFAULT_POLLMASK);
+    }
+
+    #[test]
+    fn probe_with_a_profile_fcopy_does_not_model_fails_cleanly() {
+        let other = Profile {
+            name: "posted",
+            about: "not a kernel",
+        };
+        let err = probe(TestChannel::new(), &other).err().expect("refused");
+        assert!(matches!(err, ProbeError::UnknownProfile { .. }), "{err}");
     }
 
     #[test]
