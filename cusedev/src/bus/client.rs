@@ -26,7 +26,7 @@ use std::time::Duration;
 use log::{debug, error, info, warn};
 use vmbus::address::BusAddress;
 
-use super::socket::BusStream;
+use super::socket::{BusStream, PolledReader};
 use vmbus::channel_msg::ChannelMessage;
 use vmbus::guid::Guid;
 use vmbus::stream::{kind, Hello, Role};
@@ -571,11 +571,12 @@ fn read_control(stream: &mut BusStream) -> Result<Option<ChannelMessage>, BusErr
 /// Moves packets from a channel stream into the driver's ring and runs its callback, until
 /// the stream ends (`Ok`) or breaks (`Err`).
 fn pump_channel(
-    mut stream: BusStream,
+    stream: BusStream,
     ring: Arc<InboundRing>,
     driver: Arc<dyn ChannelDriver>,
     child_relid: u32,
 ) -> Result<(), FrameError> {
+    let mut stream = PolledReader::new(stream);
     loop {
         let body = match read_frame(&mut stream)? {
             Some((kind::PACKET, body)) => body,

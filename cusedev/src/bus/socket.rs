@@ -77,6 +77,54 @@ impl Read for BusStream {
     }
 }
 
+/// The reading end of a channel stream, for a thread that only reads while others write.
+///
+/// A thread asleep in read(2) on a Unix stream socket is woken every time the peer consumes
+/// data *we* wrote (`unix_write_space` wakes the socket's whole wait queue with EPOLLOUT, and a
+/// reader's wait entry has no key to filter it: net/unix/af_unix.c), only to find nothing and
+/// sleep again; with replies going out on the same socket from other threads that is one
+/// useless wake-up per reply. A poll(2) sleeper registered for POLLIN only is filtered by the
+/// key and stays asleep. So this reader polls for POLLIN before every read, and reads into a
+/// buffer large enough for whole frames, which keeps it at two syscalls per frame (as
+/// header-then-body reads were).
+pub struct PolledReader(io::BufReader<PollFirst>);
+
+/// A stream whose reads wait in poll(POLLIN) first.
+pub struct PollFirst(BusStream);
+
+/// Room for a whole channel packet frame and then some.
+const READ_BUFFER: usize = 64 << 10;
+
+impl PolledReader {
+    pub fn new(stream: BusStream) -> PolledReader {
+        PolledReader(io::BufReader::with_capacity(READ_BUFFER, PollFirst(stream)))
+    }
+}
+
+impl Read for PolledReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.0.read(buf)
+    }
+}
+
+impl Read for PollFirst {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            let mut fds = [nix::poll::PollFd::new(
+                self.0.as_fd(),
+                nix::poll::PollFlags::POLLIN,
+            )];
+            match nix::poll::poll(&mut fds, nix::poll::PollTimeout::NONE) {
+                Ok(_) => break,
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(err) => return Err(err.into()),
+            }
+        }
+        // Readable, at the end of the stream, or broken: read(2) says which.
+        self.0.read(buf)
+    }
+}
+
 impl Write for BusStream {
     /// send(2) with MSG_NOSIGNAL: a host that went away is an EPIPE error for the caller to
     /// handle, not a SIGPIPE that kills the server.
