@@ -1,32 +1,29 @@
 //! The `fakehost` command: run the fake Hyper-V host, or drive a running one.
 
-use std::fs::File;
-use std::os::fd::AsFd;
+//!
+//! The subcommands here are the generic ones; a service adds its own (fcopy's `copy`) through
+//! its row in `fakehost::serve::SERVICES`, and the service names `--offer`, `offer` and
+//! `rescind` accept come from the same table.
+
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use clap::builder::PossibleValuesParser;
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use nix::sys::signal::{SigSet, Signal};
 use vmbus::address::BusAddress;
 
-use fakehost::control::client::{self, Client, ClientError};
+use fakehost::cli::usage_error;
+use fakehost::control::client;
 use fakehost::control::proto::{Request, Response, StatusReport};
-use fakehost::names;
-use fakehost::progress::{result_line, ProgressBar};
-use fakehost::serve::{HostConfig, RunningHost};
-use fakehost::service::ServiceKind;
-
-/// Exit status when the guest said no or did not answer.
-const EXIT_GUEST_FAILED: u8 = 1;
-/// Exit status for usage errors and when fakehost cannot be reached.
-const EXIT_USAGE: u8 = 2;
+use fakehost::serve::{self, HostConfig, RunningHost, SERVICES};
 
 /// A fake Hyper-V host for cusedev's userspace VMBus devices.
 ///
 /// `fakehost serve` plays the host: it listens for a guest (cusedev) on the bus socket, offers it
-/// channels (fcopy), and listens for commands on a control socket. The other commands talk to a
-/// running `fakehost serve` through that control socket.
+/// channels (its services), and listens for commands on a control socket. The other commands
+/// talk to a running `fakehost serve` through that control socket.
 #[derive(Debug, Parser)]
 #[command(name = "fakehost", version, propagate_version = true)]
 struct Cli {
@@ -65,39 +62,14 @@ enum Command {
         )]
         listen: BusAddress,
         /// Service to offer to the guest (repeatable)
-        #[arg(long = "offer", value_name = "SERVICE", default_values_t = [ServiceKind::Fcopy])]
-        offers: Vec<ServiceKind>,
-        /// Seconds the guest has to answer each copy step before the copy fails
+        #[arg(long = "offer", value_name = "SERVICE",
+              value_parser = service_parser(),
+              default_values_t = serve::default_offers())]
+        offers: Vec<String>,
+        /// Seconds the guest has to answer each request (each copy step) before it fails
         #[arg(long, default_value_t = 60, value_name = "SECS",
               value_parser = clap::value_parser!(u64).range(1..))]
         step_timeout: u64,
-    },
-
-    /// Copy a file into the guest, like `Copy-VMFile -FileSource Host`.
-    ///
-    /// The file is opened here, with your permissions, and its open descriptor is handed to the
-    /// host, which never opens paths for you. GUEST_DIR gets a trailing '/' if it has none (the
-    /// guest daemon only creates directories followed by '/'). The guest's answer is printed as
-    /// an HRESULT: 0x00000000 success, 0x80070050 file exists, 0x80070070 disk full,
-    /// 0x80004005 failure. Exit status: 0 copied, 1 the guest failed or did not answer,
-    /// 2 usage error or fakehost not reachable.
-    #[command(after_help = "Example:\n  \
-        fakehost copy ./big.iso /srv/incoming --create-path --overwrite")]
-    Copy {
-        /// The file to copy
-        src: PathBuf,
-        /// The directory on the guest to copy into
-        guest_dir: String,
-        /// Name of the file on the guest [default: the name of SRC]
-        #[arg(long, value_name = "NAME")]
-        name: Option<String>,
-        /// Create GUEST_DIR and its parents on the guest if missing (CREATE_PATH)
-        #[arg(long)]
-        create_path: bool,
-        /// Replace an existing file on the guest (OVER_WRITE); without it the guest answers
-        /// 0x80070050 file exists
-        #[arg(long)]
-        overwrite: bool,
     },
 
     /// Rescind a service's channel: the guest's device goes away.
@@ -107,7 +79,8 @@ enum Command {
     #[command(after_help = "Example:\n  fakehost rescind fcopy")]
     Rescind {
         /// The service
-        service: ServiceKind,
+        #[arg(value_parser = service_parser())]
+        service: String,
     },
 
     /// Offer a service again after a rescind: the guest gets a new device.
@@ -116,7 +89,8 @@ enum Command {
     #[command(after_help = "Example:\n  fakehost offer fcopy")]
     Offer {
         /// The service
-        service: ServiceKind,
+        #[arg(value_parser = service_parser())]
+        service: String,
     },
 
     /// Show whether a guest is connected, its channels and the negotiated versions.
@@ -128,8 +102,35 @@ enum Command {
     },
 }
 
+/// Service names from the table; clap lists them in `--help` and in its error for any other.
+fn service_parser() -> PossibleValuesParser {
+    PossibleValuesParser::new(
+        SERVICES
+            .iter()
+            .map(|row| clap::builder::PossibleValue::new(row.offer.name).help(row.offer.summary)),
+    )
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // The derived command plus every service's own subcommands.
+    let mut command = Cli::command();
+    for cli in SERVICES.iter().filter_map(|row| row.cli) {
+        command = (cli.augment)(command);
+    }
+    let matches = command.get_matches();
+    let control = matches
+        .get_one::<PathBuf>("control")
+        .cloned()
+        .unwrap_or_else(|| PathBuf::from("/run/cusedev/fakehost.ctl"));
+    for cli in SERVICES.iter().filter_map(|row| row.cli) {
+        if let Some(code) = (cli.run)(&matches, &control) {
+            return code;
+        }
+    }
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
     match cli.command {
         Command::Serve {
             listen,
@@ -145,20 +146,6 @@ fn main() -> ExitCode {
             control: cli.control,
             step_timeout: Duration::from_secs(step_timeout),
         }),
-        Command::Copy {
-            src,
-            guest_dir,
-            name,
-            create_path,
-            overwrite,
-        } => copy(
-            &cli.control,
-            &src,
-            &guest_dir,
-            name.as_deref(),
-            create_path,
-            overwrite,
-        ),
         Command::Rescind { service } => outcome(&cli.control, &Request::Rescind { service }),
         Command::Offer { service } => outcome(&cli.control, &Request::Offer { service }),
         Command::Status { json } => status(&cli.control, json),
@@ -189,96 +176,6 @@ fn serve(config: HostConfig) -> ExitCode {
     }
     host.shutdown();
     ExitCode::SUCCESS
-}
-
-/// An I/O error's text without Rust's " (os error N)" suffix.
-fn os_reason(e: &std::io::Error) -> String {
-    match e.raw_os_error() {
-        Some(code) => nix::errno::Errno::from_raw(code).desc().to_owned(),
-        None => e.to_string(),
-    }
-}
-
-fn usage_error(command: &str, message: impl std::fmt::Display) -> ExitCode {
-    eprintln!("fakehost {command}: {message}");
-    ExitCode::from(EXIT_USAGE)
-}
-
-fn copy(
-    control: &Path,
-    src: &Path,
-    guest_dir: &str,
-    name: Option<&str>,
-    create_path: bool,
-    overwrite: bool,
-) -> ExitCode {
-    let file_name = match names::guest_file_name(src, name) {
-        Ok(name) => name,
-        Err(e) => return usage_error("copy", e),
-    };
-    let path_name = match names::guest_path_name(guest_dir) {
-        Ok(path) => path,
-        Err(e) => return usage_error("copy", e),
-    };
-    let file = match File::open(src) {
-        Ok(file) => file,
-        Err(e) => {
-            return usage_error(
-                "copy",
-                format!("cannot open {}: {}", src.display(), os_reason(&e)),
-            )
-        }
-    };
-    match file.metadata() {
-        Ok(meta) if meta.is_file() => {}
-        Ok(_) => return usage_error("copy", format!("{} is not a regular file", src.display())),
-        Err(e) => {
-            return usage_error(
-                "copy",
-                format!("cannot stat {}: {}", src.display(), os_reason(&e)),
-            )
-        }
-    }
-    let mut client = match Client::connect(control) {
-        Ok(client) => client,
-        Err(e) => return usage_error("copy", e),
-    };
-    let request = Request::Copy {
-        file_name: file_name.clone(),
-        guest_dir: path_name.clone(),
-        overwrite,
-        create_path,
-    };
-    if let Err(e) = client.send(&request, Some(file.as_fd())) {
-        return usage_error("copy", e);
-    }
-    drop(file);
-    let mut bar = ProgressBar::new();
-    let result = loop {
-        match client.next_response() {
-            Ok(Some(Response::Progress { done, total })) => bar.update(done, total),
-            Ok(Some(other)) => break Ok(other),
-            Ok(None) => break Err(ClientError::NoAnswer),
-            Err(e) => break Err(e),
-        }
-    };
-    bar.finish();
-    match result {
-        Ok(Response::Result(report)) => {
-            println!("{}", result_line(&file_name, &path_name, &report));
-            if report.ok {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::from(EXIT_GUEST_FAILED)
-            }
-        }
-        Ok(Response::Error { error }) => usage_error("copy", error),
-        Ok(other) => usage_error(
-            "copy",
-            format!("unexpected answer from fakehost: {other:?}"),
-        ),
-        Err(e) => usage_error("copy", e),
-    }
 }
 
 fn outcome(control: &Path, request: &Request) -> ExitCode {
@@ -334,13 +231,12 @@ fn print_status(report: &StatusReport) {
         (true, None) => println!("guest:    connected, no VMBus version agreed yet"),
         (false, _) => println!("guest:    not connected"),
     }
-    let offered: Vec<&str> = bus.offered.iter().map(|s| s.name()).collect();
     println!(
         "offered:  {}",
-        if offered.is_empty() {
+        if bus.offered.is_empty() {
             "nothing".to_owned()
         } else {
-            offered.join(", ")
+            bus.offered.join(", ")
         }
     );
     for c in &bus.channels {
@@ -357,23 +253,7 @@ fn print_status(report: &StatusReport) {
             }
         );
     }
-    let f = &report.fcopy;
-    let versions = match (&f.framework_version, &f.message_version) {
-        (Some(fw), Some(msg)) => format!("framework {fw}, fcopy {msg}"),
-        _ => "no versions agreed".to_owned(),
-    };
-    println!(
-        "fcopy:    channel {}, negotiation {} ({versions}), {}",
-        if f.channel_attached {
-            "attached"
-        } else {
-            "not attached"
-        },
-        f.negotiation,
-        if f.copy_in_progress {
-            "a copy is running"
-        } else {
-            "idle"
-        }
-    );
+    for (name, service) in &report.services {
+        println!("{:<10}{}", format!("{name}:"), service.summary);
+    }
 }

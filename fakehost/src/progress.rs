@@ -1,9 +1,7 @@
-//! What `fakehost copy` prints: a progress bar on a terminal, and one result line.
+//! A progress bar on a terminal, for long service commands (`fakehost copy`).
 
 use std::io::{IsTerminal, Write};
 use std::time::Instant;
-
-use crate::fcopy::CopyReport;
 
 /// Cells in the bar.
 const BAR_WIDTH: usize = 20;
@@ -76,42 +74,9 @@ impl ProgressBar {
     }
 }
 
-/// The line `fakehost copy` prints at the end.
-///
-/// `copied big.iso (10485760 bytes) to /srv/incoming/: 0x00000000 success in 0.41 s (25.6 MB/s)`
-/// or `copy failed at START_FILE_COPY: 0x80070050 file exists`.
-pub fn result_line(file_name: &str, guest_dir: &str, report: &CopyReport) -> String {
-    if report.ok {
-        let status = report.hresult.unwrap_or(0);
-        let meaning = report.meaning.as_deref().unwrap_or("success");
-        let rate = if report.seconds > 0.0 {
-            format!(" ({:.1} MB/s)", report.bytes as f64 / report.seconds / 1e6)
-        } else {
-            String::new()
-        };
-        return format!(
-            "copied {file_name} ({} bytes) to {guest_dir}: {status:#010x} {meaning} in {:.2} s{rate}",
-            report.bytes, report.seconds
-        );
-    }
-    let step = report
-        .step
-        .map(|s| s.to_string())
-        .unwrap_or_else(|| "an unknown step".into());
-    match (report.hresult, &report.meaning) {
-        (Some(status), Some(meaning)) => format!("copy failed at {step}: {status:#010x} {meaning}"),
-        (Some(status), None) => format!("copy failed at {step}: {status:#010x}"),
-        (None, _) => format!(
-            "copy failed at {step}: {}",
-            report.error.as_deref().unwrap_or("no reason given")
-        ),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fcopy::Step;
 
     #[test]
     fn bar_shows_fraction_percent_and_rate() {
@@ -121,57 +86,5 @@ mod tests {
         );
         assert_eq!(bar(0, 0, 0.0), "[####################] 100% 0.0 MiB/s");
         assert_eq!(bar(200, 100, 0.0), "[####################] 100% 0.0 MiB/s");
-    }
-
-    #[test]
-    fn success_line_has_size_status_time_and_rate() {
-        let report = CopyReport {
-            ok: true,
-            hresult: Some(0),
-            meaning: Some("success".into()),
-            step: None,
-            bytes: 10_485_760,
-            seconds: 0.41,
-            error: None,
-        };
-        assert_eq!(
-            result_line("big.iso", "/srv/incoming/", &report),
-            "copied big.iso (10485760 bytes) to /srv/incoming/: 0x00000000 success in 0.41 s \
-             (25.6 MB/s)"
-        );
-    }
-
-    #[test]
-    fn failure_line_names_step_and_status() {
-        let report = CopyReport {
-            ok: false,
-            hresult: Some(0x8007_0050),
-            meaning: Some("file exists".into()),
-            step: Some(Step::StartFileCopy),
-            bytes: 0,
-            seconds: 0.01,
-            error: Some("guest answered START_FILE_COPY with 0x80070050 (file exists)".into()),
-        };
-        assert_eq!(
-            result_line("big.iso", "/srv/incoming/", &report),
-            "copy failed at START_FILE_COPY: 0x80070050 file exists"
-        );
-    }
-
-    #[test]
-    fn failure_without_status_shows_the_error() {
-        let report = CopyReport {
-            ok: false,
-            hresult: None,
-            meaning: None,
-            step: Some(Step::WriteToFile),
-            bytes: 6144,
-            seconds: 60.0,
-            error: Some("guest did not answer within 60 s".into()),
-        };
-        assert_eq!(
-            result_line("a", "/b/", &report),
-            "copy failed at WRITE_TO_FILE: guest did not answer within 60 s"
-        );
     }
 }

@@ -1,4 +1,11 @@
-//! `fakehost serve`: the bus socket, the control socket and the threads behind them.
+//! `fakehost serve`: the service table, the bus socket, the control socket and the threads
+//! behind them.
+//!
+//! [`SERVICES`] is the host side's driver table (DESIGN.md "The driver table"): one row per
+//! device class. Adding a device class on the host is its module under `fakehost/src/`
+//! implementing [`ServiceClass`] and one `ServiceRow::of::<…>()` line here; the bus, the
+//! control protocol and the CLI take everything else (names, offers, commands, status) from
+//! the row.
 
 use std::io;
 use std::os::unix::fs::MetadataExt;
@@ -11,11 +18,75 @@ use std::time::Duration;
 
 use vmbus::address::BusAddress;
 
-use crate::bus::{self, Bus, ChannelService};
+use crate::bus::{self, Bus, Registered};
 use crate::control::server::{self as control_server, Control};
 use crate::fcopy::FcopyHost;
-use crate::service::ServiceKind;
+use crate::service::{HostService, Offer, ServiceClass, ServiceCli, ServiceConfig, UnknownService};
 use crate::sockets::{self, SocketError};
+
+/// The device classes this host serves, in the order offers are sent.
+pub const SERVICES: &[ServiceRow] = &[
+    // Hyper-V guest file copy: /dev/vmbus/hv_fcopy and hv_fcopy_daemon.
+    ServiceRow::of::<FcopyHost>(),
+];
+
+/// One row of [`SERVICES`].
+#[derive(Debug, Clone, Copy)]
+pub struct ServiceRow {
+    /// The offer (name, class GUID, instance GUID).
+    pub offer: Offer,
+    /// Offered when `fakehost serve` gets no `--offer`.
+    pub offered_by_default: bool,
+    /// Extra `fakehost` subcommands.
+    pub cli: Option<ServiceCli>,
+    build: fn(&ServiceConfig) -> Arc<dyn HostService>,
+}
+
+impl ServiceRow {
+    /// The row of device class `T`.
+    pub const fn of<T: ServiceClass>() -> ServiceRow {
+        ServiceRow {
+            offer: T::OFFER,
+            offered_by_default: T::OFFERED_BY_DEFAULT,
+            cli: T::CLI,
+            build: build::<T>,
+        }
+    }
+
+    /// A fresh service of this class.
+    pub fn build(&self, config: &ServiceConfig) -> Arc<dyn HostService> {
+        (self.build)(config)
+    }
+}
+
+fn build<T: ServiceClass>(config: &ServiceConfig) -> Arc<dyn HostService> {
+    Arc::new(T::new(config))
+}
+
+/// Every service name, in table order.
+pub fn service_names() -> Vec<&'static str> {
+    SERVICES.iter().map(|r| r.offer.name).collect()
+}
+
+/// The names offered when `--offer` is not given.
+pub fn default_offers() -> Vec<String> {
+    SERVICES
+        .iter()
+        .filter(|r| r.offered_by_default)
+        .map(|r| r.offer.name.to_owned())
+        .collect()
+}
+
+/// The table index of service `name`, or an error listing the names there are.
+pub fn find_service(name: &str) -> Result<usize, UnknownService> {
+    SERVICES
+        .iter()
+        .position(|r| r.offer.name == name)
+        .ok_or_else(|| UnknownService {
+            name: name.to_owned(),
+            known: service_names(),
+        })
+}
 
 /// Mode of the bus socket: the guest side (cusedev, root) and members of the socket's group.
 pub const BUS_SOCKET_MODE: u32 = 0o660;
@@ -30,9 +101,9 @@ pub struct HostConfig {
     pub listen: BusAddress,
     /// The control socket path.
     pub control: PathBuf,
-    /// Services offered from the start.
-    pub offers: Vec<ServiceKind>,
-    /// How long the guest has to answer one fcopy step.
+    /// Services offered from the start, by name (see [`SERVICES`]).
+    pub offers: Vec<String>,
+    /// How long the guest has to answer one request (one fcopy step).
     pub step_timeout: Duration,
 }
 
@@ -47,6 +118,9 @@ pub enum ServeError {
          stream to port 5000 of the host (CID 2) to that socket"
     )]
     VsockUnsupported(String),
+    /// An `offers` name that is not in the table.
+    #[error("{0}")]
+    UnknownService(UnknownService),
     /// Both sockets on one path.
     #[error("the bus socket and the control socket must be different paths ({0})")]
     SamePath(PathBuf),
@@ -94,7 +168,6 @@ impl OwnedSocketFile {
 /// A running host. Dropping it stops the listeners and removes the socket files.
 pub struct RunningHost {
     bus: Arc<Bus>,
-    fcopy: Arc<FcopyHost>,
     files: Vec<OwnedSocketFile>,
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
@@ -103,6 +176,14 @@ pub struct RunningHost {
 impl RunningHost {
     /// Binds both sockets and starts accepting.
     pub fn start(config: &HostConfig) -> Result<RunningHost, ServeError> {
+        let mut offered = config
+            .offers
+            .iter()
+            .map(|name| find_service(name))
+            .collect::<Result<Vec<usize>, _>>()
+            .map_err(ServeError::UnknownService)?;
+        offered.sort_unstable();
+        offered.dedup();
         let bus_path = match &config.listen {
             BusAddress::Unix(path) => path.clone(),
             other => return Err(ServeError::VsockUnsupported(other.to_string())),
@@ -125,20 +206,23 @@ impl RunningHost {
         };
         let control_file = OwnedSocketFile::new(&config.control);
 
-        let fcopy = Arc::new(FcopyHost::new(config.step_timeout));
-        let services: Vec<(ServiceKind, Arc<dyn ChannelService>)> = vec![(
-            ServiceKind::Fcopy,
-            Arc::clone(&fcopy) as Arc<dyn ChannelService>,
-        )];
-        let bus = Bus::new(&config.offers, services);
+        let service_config = ServiceConfig {
+            step_timeout: config.step_timeout,
+        };
+        let services = SERVICES
+            .iter()
+            .map(|row| Registered {
+                offer: row.offer,
+                service: row.build(&service_config),
+            })
+            .collect();
+        let bus = Bus::new(&offered, services);
         let control = Arc::new(Control {
             bus: Arc::clone(&bus),
-            fcopy: Arc::clone(&fcopy),
         });
         let stop = Arc::new(AtomicBool::new(false));
         let mut host = RunningHost {
             bus: Arc::clone(&bus),
-            fcopy,
             files: vec![bus_file, control_file],
             stop: Arc::clone(&stop),
             threads: Vec::new(),
@@ -155,13 +239,12 @@ impl RunningHost {
              {CONTROL_SOCKET_MODE:o}); offering {}; step timeout {} s",
             bus_path.display(),
             config.control.display(),
-            if config.offers.is_empty() {
+            if offered.is_empty() {
                 "nothing".to_owned()
             } else {
-                config
-                    .offers
+                offered
                     .iter()
-                    .map(|s| s.name())
+                    .map(|&i| SERVICES[i].offer.name)
                     .collect::<Vec<_>>()
                     .join(", ")
             },
@@ -182,11 +265,6 @@ impl RunningHost {
     /// The bus.
     pub fn bus(&self) -> &Arc<Bus> {
         &self.bus
-    }
-
-    /// The fcopy host.
-    pub fn fcopy(&self) -> &Arc<FcopyHost> {
-        &self.fcopy
     }
 
     /// Stops accepting and removes the socket files. Connected streams are left to the
@@ -215,5 +293,66 @@ impl RunningHost {
 impl Drop for RunningHost {
     fn drop(&mut self) {
         self.stop_now();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_names_and_class_guids_are_unique() {
+        let mut names = service_names();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), SERVICES.len());
+        for (i, row) in SERVICES.iter().enumerate() {
+            assert!(
+                SERVICES[..i]
+                    .iter()
+                    .all(|r| r.offer.class != row.offer.class),
+                "{} shares a class GUID",
+                row.offer.name
+            );
+            assert_eq!(find_service(row.offer.name), Ok(i));
+        }
+    }
+
+    #[test]
+    fn unknown_service_name_lists_the_table() {
+        let err = find_service("kvp2").unwrap_err();
+        assert_eq!(err.known, service_names());
+        assert!(err.to_string().contains("fcopy"), "{err}");
+    }
+
+    #[test]
+    fn every_service_builds_and_reports_status_before_any_guest() {
+        let config = ServiceConfig {
+            step_timeout: Duration::from_secs(1),
+        };
+        for row in SERVICES {
+            let status = row.build(&config).status();
+            assert!(!status.summary.is_empty(), "{}", row.offer.name);
+            assert!(status.state.is_object(), "{}", row.offer.name);
+        }
+    }
+
+    #[test]
+    fn unknown_offer_refuses_to_start_and_names_the_known_services() {
+        let dir = crate::test_support::TempDir::new("serve-unknown");
+        let err = RunningHost::start(&HostConfig {
+            listen: BusAddress::Unix(dir.path().join("bus.sock")),
+            control: dir.path().join("ctl.sock"),
+            offers: vec!["fcopy".into(), "teleport".into()],
+            step_timeout: Duration::from_secs(1),
+        })
+        .err()
+        .expect("started with an unknown service");
+        assert!(
+            err.to_string()
+                .starts_with("unknown service \"teleport\": fakehost serves fcopy"),
+            "{err}"
+        );
+        assert!(!dir.path().join("bus.sock").exists());
     }
 }

@@ -29,3 +29,16 @@ impl Drop for TempDir {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
+
+/// A progress sink nobody listens to (but that never says the client left).
+pub struct NullProgress;
+
+impl crate::service::ProgressSink for NullProgress {
+    fn interval(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(3600)
+    }
+
+    fn report(&mut self, _done: u64, _total: u64) -> bool {
+        true
+    }
+}

@@ -17,10 +17,9 @@ use std::time::Duration;
 
 use fakehost::control::client::{self, Client};
 use fakehost::control::proto::{Request, Response};
-use fakehost::fcopy::{CopyReport, Step};
-use fakehost::progress::result_line;
+use fakehost::fcopy::cli::result_line;
+use fakehost::fcopy::{CopyReport, FcopyCommand, Step};
 use fakehost::serve::{HostConfig, RunningHost};
-use fakehost::service::ServiceKind;
 use vmbus::address::BusAddress;
 use vmbus::channel_msg::{ChannelMessage, VERSION_WIN10_V5_3, VERSION_WIN8_1};
 use vmbus::fcopy::{self as wire, op, StartFcopy, CREATE_PATH, DATA_FRAGMENT, OVER_WRITE};
@@ -71,7 +70,7 @@ impl Fixture {
         let host = RunningHost::start(&HostConfig {
             listen: BusAddress::Unix(bus.clone()),
             control: control.clone(),
-            offers: vec![ServiceKind::Fcopy],
+            offers: vec!["fcopy".into()],
             step_timeout,
         })
         .unwrap();
@@ -100,12 +99,13 @@ impl Fixture {
     ) -> thread::JoinHandle<Response> {
         let control = self.control.clone();
         let file = File::open(src).unwrap();
-        let request = Request::Copy {
+        let request = FcopyCommand::Copy {
             file_name: file_name.into(),
             guest_dir: guest_dir.into(),
             overwrite,
             create_path,
-        };
+        }
+        .into_request();
         thread::spawn(move || {
             let mut client = Client::connect(&control).unwrap();
             client.send(&request, Some(file.as_fd())).unwrap();
@@ -129,7 +129,7 @@ impl Drop for Fixture {
 
 fn report(response: Response) -> CopyReport {
     match response {
-        Response::Result(report) => report,
+        Response::Result { result } => serde_json::from_value(result).unwrap(),
         other => panic!("expected a copy result, got {other:?}"),
     }
 }
@@ -608,7 +608,7 @@ fn rescind_sends_rescind_and_reoffer_makes_a_new_device() {
     let old_relid = guest.relid;
 
     let Response::Outcome { ok: true, message } = fx.request(&Request::Rescind {
-        service: ServiceKind::Fcopy,
+        service: "fcopy".into(),
     }) else {
         panic!("rescind failed");
     };
@@ -627,7 +627,7 @@ fn rescind_sends_rescind_and_reoffer_makes_a_new_device() {
     }
     assert!(matches!(
         fx.request(&Request::Rescind {
-            service: ServiceKind::Fcopy
+            service: "fcopy".into()
         }),
         Response::Outcome { ok: false, .. }
     ));
@@ -659,7 +659,7 @@ fn rescind_sends_rescind_and_reoffer_makes_a_new_device() {
     // Re-offer: a new OFFERCHANNEL with a new relid and instance; offering twice is an error.
     assert!(matches!(
         fx.request(&Request::Offer {
-            service: ServiceKind::Fcopy
+            service: "fcopy".into()
         }),
         Response::Outcome { ok: true, .. }
     ));
@@ -680,7 +680,7 @@ fn rescind_sends_rescind_and_reoffer_makes_a_new_device() {
     }
     assert!(matches!(
         fx.request(&Request::Offer {
-            service: ServiceKind::Fcopy
+            service: "fcopy".into()
         }),
         Response::Outcome { ok: false, .. }
     ));
@@ -766,7 +766,7 @@ fn status_reports_guest_channel_and_versions() {
         panic!("status failed");
     };
     assert!(!before.bus.guest_connected);
-    assert_eq!(before.bus.offered, vec![ServiceKind::Fcopy]);
+    assert_eq!(before.bus.offered, vec!["fcopy".to_owned()]);
 
     let mut guest = Guest::connect_offered(&fx.bus);
     guest.open_fcopy();
@@ -785,20 +785,29 @@ fn status_reports_guest_channel_and_versions() {
     assert_eq!(after.bus.channels[0].relid, guest.relid);
     assert_eq!(after.bus.channels[0].state, "attached");
     assert_eq!(after.bus.channels[0].instance, guest.instance.to_string());
-    assert_eq!(after.fcopy.negotiation, "agreed");
-    assert_eq!(after.fcopy.framework_version.as_deref(), Some("3.0"));
-    assert_eq!(after.fcopy.message_version.as_deref(), Some("1.1"));
+    let fcopy = &after.services["fcopy"];
+    assert_eq!(fcopy.state["negotiation"], "agreed");
+    assert_eq!(fcopy.state["framework_version"], "3.0");
+    assert_eq!(fcopy.state["message_version"], "1.1");
+    assert_eq!(fcopy.state["channel_attached"], true);
+    assert_eq!(
+        fcopy.summary,
+        "channel attached, negotiation agreed (framework 3.0, fcopy 1.1), idle"
+    );
 }
 
 #[test]
 fn copy_request_without_descriptor_is_refused() {
     let fx = Fixture::start("nofd", Duration::from_secs(20));
-    let response = fx.request(&Request::Copy {
-        file_name: "a".into(),
-        guest_dir: "/srv".into(),
-        overwrite: false,
-        create_path: false,
-    });
+    let response = fx.request(
+        &FcopyCommand::Copy {
+            file_name: "a".into(),
+            guest_dir: "/srv".into(),
+            overwrite: false,
+            create_path: false,
+        }
+        .into_request(),
+    );
     match response {
         Response::Error { error } => assert!(error.contains("descriptor"), "{error}"),
         other => panic!("{other:?}"),
@@ -811,7 +820,7 @@ fn second_host_on_the_same_socket_is_refused_and_vsock_points_to_the_vhost_backe
     let err = RunningHost::start(&HostConfig {
         listen: BusAddress::Unix(fx.bus.clone()),
         control: fx.dir.0.join("other.ctl"),
-        offers: vec![ServiceKind::Fcopy],
+        offers: vec!["fcopy".into()],
         step_timeout: Duration::from_secs(1),
     })
     .err()
@@ -839,4 +848,164 @@ fn shutdown_removes_both_socket_files() {
     fx.host.take().unwrap().shutdown();
     assert!(!fx.bus.exists());
     assert!(!fx.control.exists());
+}
+
+#[test]
+fn unknown_service_names_are_errors_that_list_the_table() {
+    let fx = Fixture::start("unknown", Duration::from_secs(20));
+    let known = fakehost::serve::service_names().join(", ");
+    for request in [
+        Request::Offer {
+            service: "teleport".into(),
+        },
+        Request::Rescind {
+            service: "teleport".into(),
+        },
+        Request::Service {
+            service: "teleport".into(),
+            command: serde_json::json!({"op": "beam"}),
+        },
+    ] {
+        match fx.request(&request) {
+            Response::Error { error } => assert_eq!(
+                error,
+                format!("unknown service \"teleport\": fakehost serves {known}")
+            ),
+            other => panic!("{request:?}: {other:?}"),
+        }
+    }
+    // The host is unchanged: fcopy still offered.
+    let Response::Status(status) = fx.request(&Request::Status {}) else {
+        panic!("status failed");
+    };
+    assert_eq!(status.bus.offered, vec!["fcopy".to_owned()]);
+}
+
+#[test]
+fn status_reports_every_service_in_the_table() {
+    let fx = Fixture::start("status-all", Duration::from_secs(20));
+    let Response::Status(status) = fx.request(&Request::Status {}) else {
+        panic!("status failed");
+    };
+    let names: Vec<&str> = status.services.keys().map(String::as_str).collect();
+    let mut table = fakehost::serve::service_names();
+    table.sort_unstable();
+    assert_eq!(names, table);
+    for (name, service) in &status.services {
+        assert!(!service.summary.is_empty(), "{name}");
+        assert!(service.state.is_object(), "{name}");
+    }
+    let fcopy = &status.services["fcopy"];
+    assert_eq!(fcopy.state["channel_attached"], false);
+    assert_eq!(fcopy.state["negotiation"], "none");
+}
+
+#[test]
+fn malformed_service_commands_are_refused_with_the_reason() {
+    let fx = Fixture::start("badcmd", Duration::from_secs(20));
+    for command in [
+        serde_json::json!({"op": "format_disk"}),
+        serde_json::json!({"op": "copy", "guest_dir": "/x"}),
+        serde_json::json!("copy"),
+    ] {
+        match fx.request(&Request::Service {
+            service: "fcopy".into(),
+            command: command.clone(),
+        }) {
+            Response::Error { error } => {
+                assert!(
+                    error.starts_with("malformed command: "),
+                    "{command}: {error}"
+                )
+            }
+            other => panic!("{command}: {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn second_copy_waits_for_the_first_and_never_interleaves() {
+    let fx = Fixture::start("two", Duration::from_secs(20));
+    let first_src = fx.source("first", &pattern(3 * DATA_FRAGMENT));
+    let second_src = fx.source("second", &pattern(DATA_FRAGMENT + 1));
+    let mut guest = Guest::connect_offered(&fx.bus);
+    guest.open_fcopy();
+
+    let first = fx.copy(&first_src, "first", "/srv/", false, false);
+    let (t, operation, p) = guest.recv_fcopy();
+    assert_eq!(operation, op::START_FILE_COPY);
+    let second = fx.copy(&second_src, "second", "/srv/", false, false);
+    guest.reply(t, p, 0);
+    // The rest of the first copy, with nothing of the second in between...
+    let mut writes = 0;
+    loop {
+        let (t, operation, p) = guest.recv_fcopy();
+        guest.reply(t, p, 0);
+        match operation {
+            op::WRITE_TO_FILE => writes += 1,
+            op::COMPLETE_FCOPY => break,
+            other => panic!("operation {other} inside the first copy"),
+        }
+    }
+    assert_eq!(writes, 3);
+    assert!(report(first.join().unwrap()).ok);
+    // ...then the second one, whole.
+    let received = serve_one_copy(&guest);
+    assert_eq!(StartFcopy::utf16_name(&received.start.file_name), "second");
+    assert_eq!(received.data.len(), 2);
+    assert!(report(second.join().unwrap()).ok);
+}
+
+#[test]
+fn client_going_away_cancels_the_copy_between_fragments() {
+    let fx = Fixture::start("client-gone", Duration::from_secs(20));
+    // Long enough that the copy outlives the first progress tick (100 ms) by far: sparse.
+    let src = fx.dir.0.join("sparse");
+    File::create(&src)
+        .unwrap()
+        .set_len(256 * 1024 * 1024)
+        .unwrap();
+    let mut guest = Guest::connect_offered(&fx.bus);
+    guest.open_fcopy();
+
+    let file = File::open(&src).unwrap();
+    let client = Client::connect(&fx.control).unwrap();
+    client
+        .send(
+            &FcopyCommand::Copy {
+                file_name: "sparse".into(),
+                guest_dir: "/srv/".into(),
+                overwrite: false,
+                create_path: false,
+            }
+            .into_request(),
+            Some(file.as_fd()),
+        )
+        .unwrap();
+    drop(file);
+    // The START arriving proves the request was read; then the client leaves.
+    let (t, operation, p) = guest.recv_fcopy();
+    assert_eq!(operation, op::START_FILE_COPY);
+    drop(client);
+    guest.reply(t, p, 0);
+    let mut writes = 0u64;
+    loop {
+        let (t, operation, p) = guest.recv_fcopy();
+        guest.reply(t, p, 0);
+        match operation {
+            op::WRITE_TO_FILE => writes += 1,
+            op::CANCEL_FCOPY => break,
+            other => panic!("expected WRITE or CANCEL, got operation {other}"),
+        }
+    }
+    assert!(writes >= 1);
+    assert!(
+        writes < 256 * 1024 * 1024 / DATA_FRAGMENT as u64,
+        "the copy ran to the end"
+    );
+    // The host is idle again and takes the next copy.
+    let small = fx.source("small", b"next");
+    let copy = fx.copy(&small, "small", "/srv/", false, false);
+    serve_one_copy(&guest);
+    assert!(report(copy.join().unwrap()).ok);
 }

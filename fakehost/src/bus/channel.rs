@@ -12,8 +12,9 @@ use std::sync::Arc;
 use vmbus::packet::parse_packet;
 use vmbus::stream::{kind, Hello};
 
-use super::frames::{read_frame, FrameError};
-use super::{Bus, ChannelLink, ChannelService, ChannelState};
+use super::frames::{read_frame, FrameError, StreamReader};
+use super::{Bus, ChannelLink, ChannelState};
+use crate::service::HostService;
 
 /// Runs a channel stream until it ends.
 pub(super) fn run(bus: &Bus, stream: Arc<UnixStream>, hello: &Hello, conn: u64) {
@@ -24,9 +25,10 @@ pub(super) fn run(bus: &Bus, stream: Arc<UnixStream>, hello: &Hello, conn: u64) 
     let (link_id, relid) = (link.id, link.relid);
     log::info!("channel stream attached to relid {relid} (bus connection #{conn})");
     service.attached(link);
+    let mut reader = StreamReader::new(&stream);
     // (what happened, whether it was the guest's fault)
     let (end, malformed) = loop {
-        let frame = match read_frame(&*stream) {
+        let frame = match read_frame(&mut reader) {
             Ok(Some(frame)) => frame,
             Ok(None) => break ("closed".to_owned(), false),
             Err(FrameError::Io(e)) => break (format!("lost: {e}"), false),
@@ -64,7 +66,7 @@ impl Bus {
         &self,
         hello: &Hello,
         stream: &Arc<UnixStream>,
-    ) -> Option<(ChannelLink, Arc<dyn ChannelService>)> {
+    ) -> Option<(ChannelLink, Arc<dyn HostService>)> {
         let (relid, open_id) = (hello.child_relid, hello.open_id);
         let mut guard = self.lock();
         let state = &mut *guard;
@@ -88,10 +90,10 @@ impl Bus {
                 return None;
             }
         }
-        let Some(service) = self.service(record.service) else {
+        let Some(service) = self.service(record.service).map(|r| Arc::clone(&r.service)) else {
             log::warn!(
                 "no host service for {}; closing its channel stream",
-                record.service
+                record.name
             );
             return None;
         };

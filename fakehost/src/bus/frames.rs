@@ -6,12 +6,15 @@
 //! `&UnixStream` reads and writes, and `shutdown()` needs no lock, which is how any thread can
 //! end a stream whose reader is blocked.
 
-use std::io::{self, Read, Write};
+use std::io::{self, BufReader, Read, Write};
 use std::net::Shutdown;
+use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use nix::errno::Errno;
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use vmbus::stream::{self, FrameHeader, FRAME_HEADER_LEN, MAX_FRAME_BODY};
 use vmbus::WireError;
 
@@ -102,6 +105,61 @@ fn read_full(reader: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
     Ok(filled)
 }
 
+/// The read buffer of a bus stream's reader: room for the largest fcopy packet and a few
+/// small ones, so one `read()` usually brings a whole frame, header and body.
+const READ_BUFFER: usize = 64 * 1024;
+
+/// The reading half of a bus stream for its long-lived reader thread: buffered, and asleep in
+/// `poll(POLLIN)` rather than in `read()` while nothing has arrived.
+///
+/// Why poll first: this thread also writes on the same socket (fcopy sends the next fragment
+/// from here), and every time the guest consumes data we wrote, the kernel frees our skb and
+/// calls `unix_write_space()` (net/unix/af_unix.c, 6.1 through 6.18), which wakes the socket's
+/// wait queue with an EPOLLOUT key. A thread sleeping in `read()` waits there through
+/// `unix_stream_data_wait()` with the default wake function, which ignores the key: it wakes,
+/// finds no data and sleeps again, two context switches per fragment for nothing. A `poll()`
+/// sleeper is woken through `pollwake()` (fs/select.c), which drops wake-ups whose key does
+/// not intersect the events it waits for, so POLLIN sleeps through write-space wake-ups.
+///
+/// Only for streams without a read timeout (`poll(-1)` ignores SO_RCVTIMEO): the HELLO read,
+/// which has one, stays a plain read.
+pub struct StreamReader<'a> {
+    inner: BufReader<PollFirst<'a>>,
+}
+
+impl<'a> StreamReader<'a> {
+    /// A reader over `stream`.
+    pub fn new(stream: &'a UnixStream) -> StreamReader<'a> {
+        StreamReader {
+            inner: BufReader::with_capacity(READ_BUFFER, PollFirst(stream)),
+        }
+    }
+}
+
+impl Read for StreamReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.inner.read(buf)
+    }
+}
+
+/// `poll(POLLIN)`, then `read()`.
+struct PollFirst<'a>(&'a UnixStream);
+
+impl Read for PollFirst<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            let mut fds = [PollFd::new(self.0.as_fd(), PollFlags::POLLIN)];
+            match poll(&mut fds, PollTimeout::NONE) {
+                // Readable, or POLLHUP/POLLERR: either way read() says which.
+                Ok(_) => break,
+                Err(Errno::EINTR) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        (&*self.0).read(buf)
+    }
+}
+
 /// The writing half of a bus stream, shared by everyone who sends on it.
 #[derive(Debug)]
 pub struct FrameWriter {
@@ -155,6 +213,22 @@ mod tests {
         let frame = read_frame(&b).unwrap().unwrap();
         assert_eq!(frame.kind, stream::kind::CONTROL);
         assert_eq!(frame.body, b"hello");
+    }
+
+    #[test]
+    fn stream_reader_reads_frames_back_to_back_and_the_end() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let writer = FrameWriter::new(Arc::new(a));
+        writer.send(stream::kind::CONTROL, b"one").unwrap();
+        writer.send(stream::kind::PACKET, &[9; 7000]).unwrap();
+        let mut reader = StreamReader::new(&b);
+        assert_eq!(read_frame(&mut reader).unwrap().unwrap().body, b"one");
+        assert_eq!(
+            read_frame(&mut reader).unwrap().unwrap().body,
+            vec![9; 7000]
+        );
+        writer.shutdown();
+        assert!(read_frame(&mut reader).unwrap().is_none());
     }
 
     #[test]

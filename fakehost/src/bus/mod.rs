@@ -4,7 +4,10 @@
 //! A guest opens one control stream (version, offers, open/close, rescind) and one stream per
 //! open channel. [`Bus`] holds what the host offers and the state of the one guest session;
 //! [`listener`] accepts streams and routes them by their HELLO; [`session`] answers the control
-//! stream; [`channel`] hands each channel stream to the [`ChannelService`] that serves it.
+//! stream; [`channel`] hands each channel stream to the [`HostService`] that serves it.
+//!
+//! The bus names no service: it gets the table's rows ([`Registered`]: an offer and its
+//! service) and refers to them by their index in that table.
 //!
 //! Threads, not async: a handful of streams, each with one reader thread that blocks in
 //! `read()`. Anyone may write (frames are locked whole), and anyone may shut a stream down to
@@ -25,23 +28,18 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use serde::{Deserialize, Serialize};
 use vmbus::channel_msg::ChannelMessage;
 use vmbus::guid::Guid;
-use vmbus::packet::Packet;
 
-use crate::service::ServiceKind;
+use crate::service::{HostService, InstanceGuid, Offer, UnknownService};
 use frames::FrameWriter;
 use ids::Ids;
 
-/// A host service behind a channel (the fcopy host, ...).
-///
-/// The bus calls these from the channel stream's reader thread: `attached` once, then
-/// `packet` for every packet, then `detached` once when the stream ends for any reason.
-pub trait ChannelService: Send + Sync {
-    /// A channel stream was attached: the service may start sending (e.g. NEGOTIATE).
-    fn attached(&self, link: ChannelLink);
-    /// A well-framed VMBus packet arrived on the link with this id.
-    fn packet(&self, link_id: u64, packet: &Packet<'_>);
-    /// The link's stream ended (closed, rescinded, guest gone): fail what waits on it.
-    fn detached(&self, link_id: u64);
+/// One row of the service table as the bus sees it: what to offer, and who serves it.
+#[derive(Clone)]
+pub struct Registered {
+    /// The offer.
+    pub offer: Offer,
+    /// The service behind its channels.
+    pub service: Arc<dyn HostService>,
 }
 
 /// A service's handle on one attached channel stream.
@@ -73,12 +71,15 @@ impl ChannelLink {
 /// Why an offer or rescind request was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum BusError {
+    /// A name that is not in the service table.
+    #[error("{0}")]
+    Unknown(UnknownService),
     /// `offer` of a service that is offered already.
     #[error("{0} is already offered")]
-    AlreadyOffered(ServiceKind),
+    AlreadyOffered(&'static str),
     /// `rescind` of a service that is not offered.
     #[error("{0} is not offered (nothing to rescind)")]
-    NotOffered(ServiceKind),
+    NotOffered(&'static str),
     /// Every relid is taken.
     #[error("no free child_relid left for a new offer")]
     NoRelid,
@@ -91,8 +92,8 @@ pub struct BusStatus {
     pub guest_connected: bool,
     /// The VMBus version the guest asked for and we accepted ("5.3"), if any.
     pub vmbus_version: Option<String>,
-    /// Services the host offers (and re-offers to every new guest).
-    pub offered: Vec<ServiceKind>,
+    /// Services the host offers (and re-offers to every new guest), by name.
+    pub offered: Vec<String>,
     /// Channels offered to the connected guest.
     pub channels: Vec<ChannelStatus>,
 }
@@ -100,8 +101,8 @@ pub struct BusStatus {
 /// One offered channel, for `fakehost status`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChannelStatus {
-    /// The service.
-    pub service: ServiceKind,
+    /// The service's name.
+    pub service: String,
     /// Its child_relid.
     pub relid: u32,
     /// Its if_instance GUID.
@@ -115,12 +116,13 @@ pub struct ChannelStatus {
 /// The bus: what is offered and the guest session.
 pub struct Bus {
     state: Mutex<BusState>,
-    services: Vec<(ServiceKind, Arc<dyn ChannelService>)>,
+    /// The service table, in offer order; a service is its index here.
+    services: Vec<Registered>,
 }
 
 struct BusState {
-    /// What the host offers now; every new guest gets these.
-    offered: BTreeSet<ServiceKind>,
+    /// What the host offers now (indices into `services`); every new guest gets these.
+    offered: BTreeSet<usize>,
     session: Option<Session>,
     ids: Ids,
 }
@@ -137,7 +139,10 @@ struct Session {
 }
 
 struct ChannelRecord {
-    service: ServiceKind,
+    /// Index of the service in the table.
+    service: usize,
+    /// Its name, for logs.
+    name: &'static str,
     relid: u32,
     instance: Guid,
     state: ChannelState,
@@ -178,14 +183,18 @@ impl Session {
             .send(vmbus::stream::kind::CONTROL, &msg.encode())
     }
 
-    /// Offers `service` on this session with a fresh relid and instance.
-    fn offer(&mut self, ids: &mut Ids, service: ServiceKind) -> Result<u32, BusError> {
+    /// Offers service `service` (described by `offer`) on this session with a fresh relid.
+    fn offer(&mut self, ids: &mut Ids, service: usize, offer: &Offer) -> Result<u32, BusError> {
         let relid = ids
             .relid(|r| self.channels.iter().any(|c| c.relid == r))
             .ok_or(BusError::NoRelid)?;
-        let instance = ids.instance_guid();
+        let instance = match offer.instance {
+            InstanceGuid::PerOffer => ids.instance_guid(),
+            InstanceGuid::Fixed(guid) => guid,
+        };
+        let name = offer.name;
         let msg = ChannelMessage::Offer {
-            if_type: service.class_guid(),
+            if_type: offer.class,
             if_instance: instance,
             child_relid: relid,
             // The signalling connection id; nothing on our bus signals, so any value works.
@@ -194,12 +203,13 @@ impl Session {
         };
         self.channels.push(ChannelRecord {
             service,
+            name,
             relid,
             instance,
             state: ChannelState::Offered,
             rescinded: false,
         });
-        log::info!("offered {service} to the guest: relid {relid}, instance {instance}");
+        log::info!("offered {name} to the guest: relid {relid}, instance {instance}");
         // A failed write shuts the control stream down; the session ends through its reader.
         let _ = self.send(&msg);
         Ok(relid)
@@ -207,14 +217,15 @@ impl Session {
 }
 
 impl Bus {
-    /// A bus offering `offered`, with the services that serve channels.
-    pub fn new(
-        offered: &[ServiceKind],
-        services: Vec<(ServiceKind, Arc<dyn ChannelService>)>,
-    ) -> Arc<Bus> {
+    /// A bus over the service table `services`, offering the rows at indices `offered`.
+    pub fn new(offered: &[usize], services: Vec<Registered>) -> Arc<Bus> {
         Arc::new(Bus {
             state: Mutex::new(BusState {
-                offered: offered.iter().copied().collect(),
+                offered: offered
+                    .iter()
+                    .copied()
+                    .filter(|&i| i < services.len())
+                    .collect(),
                 session: None,
                 ids: Ids::new(),
             }),
@@ -227,40 +238,67 @@ impl Bus {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn service(&self, kind: ServiceKind) -> Option<Arc<dyn ChannelService>> {
+    /// The services, in table order.
+    pub fn services(&self) -> &[Registered] {
+        &self.services
+    }
+
+    /// The index of the service called `name`, or an error listing the known names.
+    pub fn find(&self, name: &str) -> Result<usize, UnknownService> {
         self.services
             .iter()
-            .find(|(k, _)| *k == kind)
-            .map(|(_, s)| Arc::clone(s))
+            .position(|r| r.offer.name == name)
+            .ok_or_else(|| UnknownService {
+                name: name.to_owned(),
+                known: self.services.iter().map(|r| r.offer.name).collect(),
+            })
     }
 
-    /// Whether `service` is offered (not rescinded).
-    pub fn is_offered(&self, service: ServiceKind) -> bool {
-        self.lock().offered.contains(&service)
+    fn service(&self, id: usize) -> Option<&Registered> {
+        self.services.get(id)
     }
 
-    /// Offers `service` again (after a rescind). Returns a sentence saying what happened.
-    pub fn offer(&self, service: ServiceKind) -> Result<String, BusError> {
+    fn name(&self, id: usize) -> &'static str {
+        self.service(id).map_or("?", |r| r.offer.name)
+    }
+
+    /// Whether the service at `id` is offered (not rescinded).
+    pub fn is_offered(&self, id: usize) -> bool {
+        self.lock().offered.contains(&id)
+    }
+
+    /// Offers service `name` again (after a rescind). Returns a sentence saying what happened.
+    pub fn offer(&self, name: &str) -> Result<String, BusError> {
+        let id = self.find(name).map_err(BusError::Unknown)?;
+        let Some(row) = self.service(id) else {
+            return Err(BusError::Unknown(UnknownService {
+                name: name.to_owned(),
+                known: Vec::new(),
+            }));
+        };
+        let service = row.offer.name;
         let mut guard = self.lock();
         let state = &mut *guard;
-        if state.offered.contains(&service) {
+        if state.offered.contains(&id) {
             return Err(BusError::AlreadyOffered(service));
         }
         let message = match state.session.as_mut() {
             Some(session) if session.offers_requested => {
-                let relid = session.offer(&mut state.ids, service)?;
+                let relid = session.offer(&mut state.ids, id, &row.offer)?;
                 format!("offered {service} to the connected guest (relid {relid})")
             }
             _ => format!("{service} will be offered when a guest asks for offers"),
         };
-        state.offered.insert(service);
+        state.offered.insert(id);
         Ok(message)
     }
 
-    /// Rescinds `service`: sends RESCIND_CHANNELOFFER for its channels, stops offering it.
-    pub fn rescind(&self, service: ServiceKind) -> Result<String, BusError> {
+    /// Rescinds service `name`: sends RESCIND_CHANNELOFFER for its channels, stops offering it.
+    pub fn rescind(&self, name: &str) -> Result<String, BusError> {
+        let id = self.find(name).map_err(BusError::Unknown)?;
+        let service = self.name(id);
         let mut state = self.lock();
-        if !state.offered.remove(&service) {
+        if !state.offered.remove(&id) {
             return Err(BusError::NotOffered(service));
         }
         let Some(session) = state.session.as_mut() else {
@@ -270,7 +308,7 @@ impl Bus {
         };
         let mut relids = Vec::new();
         for record in session.channels.iter_mut() {
-            if record.service == service && !record.rescinded {
+            if record.service == id && !record.rescinded {
                 record.rescinded = true;
                 relids.push(record.relid);
             }
@@ -299,13 +337,17 @@ impl Bus {
         BusStatus {
             guest_connected: session.is_some(),
             vmbus_version: session.and_then(|s| s.version).map(version_string),
-            offered: state.offered.iter().copied().collect(),
+            offered: state
+                .offered
+                .iter()
+                .map(|&id| self.name(id).to_owned())
+                .collect(),
             channels: session
                 .map(|s| {
                     s.channels
                         .iter()
                         .map(|c| ChannelStatus {
-                            service: c.service,
+                            service: c.name.to_owned(),
                             relid: c.relid,
                             instance: c.instance.to_string(),
                             state: c.state.name().to_owned(),

@@ -13,7 +13,7 @@ use vmbus::channel_msg::{ChannelMessage, VERSION_WIN10};
 use vmbus::stream::kind;
 use vmbus::WireError;
 
-use super::frames::{read_frame, FrameError, FrameWriter};
+use super::frames::{read_frame, FrameError, FrameWriter, StreamReader};
 use super::{version_string, Bus, ChannelState, Session};
 
 /// OPENCHANNEL_RESULT status for an open we refuse. Hyper-V reports NTSTATUS values; the Linux
@@ -52,8 +52,9 @@ pub(super) fn run(bus: &Bus, stream: Arc<std::os::unix::net::UnixStream>, conn: 
         return;
     };
     log::info!("guest connected (bus connection #{conn})");
+    let mut reader = StreamReader::new(&stream);
     let end = loop {
-        let frame = match read_frame(&*stream) {
+        let frame = match read_frame(&mut reader) {
             Ok(Some(frame)) => frame,
             Ok(None) => break SessionEnd::Closed,
             Err(e) => break SessionEnd::Frame(e),
@@ -148,9 +149,12 @@ impl Bus {
                     return Err(SessionEnd::Protocol("REQUESTOFFERS sent twice".into()));
                 }
                 session.offers_requested = true;
-                for service in state.offered.iter().copied() {
-                    if let Err(e) = session.offer(&mut state.ids, service) {
-                        log::error!("cannot offer {service}: {e}");
+                for id in state.offered.iter().copied() {
+                    let Some(row) = self.services.get(id) else {
+                        continue;
+                    };
+                    if let Err(e) = session.offer(&mut state.ids, id, &row.offer) {
+                        log::error!("cannot offer {}: {e}", row.offer.name);
                     }
                 }
                 let _ = session.send(&ChannelMessage::AllOffersDelivered);
@@ -169,7 +173,7 @@ impl Bus {
                         c.state = ChannelState::Opened { open_id };
                         log::info!(
                             "guest opened {} (relid {child_relid}, open_id {open_id})",
-                            c.service
+                            c.name
                         );
                         0
                     }
@@ -195,7 +199,7 @@ impl Bus {
             ChannelMessage::CloseChannel { child_relid } => {
                 match session.channels.iter_mut().find(|c| c.relid == child_relid) {
                     Some(c) => {
-                        log::info!("guest closed {} (relid {child_relid})", c.service);
+                        log::info!("guest closed {} (relid {child_relid})", c.name);
                         c.state.close_stream();
                         c.state = ChannelState::Offered;
                     }
@@ -210,7 +214,7 @@ impl Bus {
                         record.state.close_stream();
                         log::info!(
                             "guest released {} (relid {child_relid}): rescind complete",
-                            record.service
+                            record.name
                         );
                     }
                     Some(_) => log::warn!(

@@ -1,73 +1,75 @@
 //! The control protocol: JSON lines over a Unix socket.
 //!
-//! One request per connection. The client sends one line (a [`Request`]); for `copy` the open
-//! source file travels with that line as an SCM_RIGHTS descriptor. The host answers with lines
-//! of [`Response`] and closes the connection:
+//! One request per connection. The client sends one line (a [`Request`]), with descriptors
+//! attached as SCM_RIGHTS if the command needs them (fcopy's `copy`: the open source file).
+//! The host answers with lines of [`Response`] and closes the connection. The protocol names
+//! no service: `offer`, `rescind` and `service` carry a name from the table in
+//! [`crate::serve::SERVICES`], and a service's commands and results are its own JSON:
 //!
 //! ```text
-//! → {"op":"copy","file_name":"big.iso","guest_dir":"/srv/incoming/","overwrite":false,"create_path":true}   + fd
-//! ← {"type":"progress","done":6144,"total":10485760}           (at most ~10 per second)
-//! ← {"type":"result","ok":true,"hresult":0,"meaning":"success","step":null,"bytes":10485760,"seconds":0.41,"error":null}
-//!
 //! → {"op":"rescind","service":"fcopy"}     ← {"type":"outcome","ok":true,"message":"rescinded fcopy: ..."}
 //! → {"op":"offer","service":"fcopy"}       ← {"type":"outcome","ok":false,"message":"fcopy is already offered"}
-//! → {"op":"status"}                        ← {"type":"status","bus":{...},"fcopy":{...}}
-//! any malformed or refused request         ← {"type":"error","error":"..."}
+//! → {"op":"status"}                        ← {"type":"status","bus":{...},"services":{"fcopy":{"summary":"...","state":{...}}}}
+//! → {"op":"service","service":"fcopy","command":{"op":"copy",...}}   + fd
+//!                                          ← {"type":"progress","done":6144,"total":10485760}   (long commands, ~10 per second)
+//!                                          ← {"type":"result","result":{...the service's answer...}}
+//! any malformed or refused request, or an unknown service
+//!                                          ← {"type":"error","error":"unknown service \"kvp\": fakehost serves fcopy"}
 //! ```
+//!
+//! fcopy's command and result are described in [`crate::fcopy::command`].
+
+use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
 use crate::bus::BusStatus;
-use crate::fcopy::{CopyReport, FcopyStatus};
-use crate::service::ServiceKind;
+use crate::service::ServiceStatus;
 
-/// The longest request line accepted (names are at most 259 UTF-16 units each).
+/// The longest request line accepted (fcopy's names are at most 259 UTF-16 units each).
 pub const MAX_REQUEST_LEN: usize = 64 * 1024;
 
 /// A client's request.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Request {
-    /// Copy the attached file into the guest.
-    Copy {
-        /// The name on the guest.
-        file_name: String,
-        /// The guest directory (a trailing '/' is added if missing).
-        guest_dir: String,
-        /// Replace an existing file (OVER_WRITE).
-        #[serde(default)]
-        overwrite: bool,
-        /// Create missing directories (CREATE_PATH).
-        #[serde(default)]
-        create_path: bool,
-    },
     /// Rescind a service's channel.
     Rescind {
-        /// The service.
-        service: ServiceKind,
+        /// The service's name.
+        service: String,
     },
     /// Offer a service again after a rescind.
     Offer {
-        /// The service.
-        service: ServiceKind,
+        /// The service's name.
+        service: String,
     },
     /// Report the host's state.
     Status {},
+    /// A command for one service, routed to it by name.
+    Service {
+        /// The service's name.
+        service: String,
+        /// The command, in the service's own form.
+        command: serde_json::Value,
+    },
 }
 
 /// A line the host sends back.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Response {
-    /// Copy progress: bytes acknowledged by the guest so far.
+    /// Progress of a long command: units (bytes for a copy) done so far.
     Progress {
-        /// Bytes done.
+        /// Done.
         done: u64,
-        /// Bytes in all.
+        /// In all.
         total: u64,
     },
-    /// The end of a copy.
-    Result(CopyReport),
+    /// The end of a service command: the service's answer.
+    Result {
+        /// In the service's own form (fcopy: a `CopyReport`).
+        result: serde_json::Value,
+    },
     /// The end of a rescind or offer.
     Outcome {
         /// It did what was asked.
@@ -85,12 +87,12 @@ pub enum Response {
 }
 
 /// The host's state.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StatusReport {
     /// Guest connection and channels.
     pub bus: BusStatus,
-    /// The fcopy service.
-    pub fcopy: FcopyStatus,
+    /// Every service in the table, by name.
+    pub services: BTreeMap<String, ServiceStatus>,
 }
 
 impl Response {
@@ -120,59 +122,30 @@ fn line_of(value: &impl Serialize) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fcopy::Step;
-
-    #[test]
-    fn copy_request_wire_form() {
-        let req = Request::Copy {
-            file_name: "big.iso".into(),
-            guest_dir: "/srv/incoming/".into(),
-            overwrite: false,
-            create_path: true,
-        };
-        let line = String::from_utf8(req.to_line()).unwrap();
-        assert_eq!(
-            line,
-            "{\"op\":\"copy\",\"file_name\":\"big.iso\",\"guest_dir\":\"/srv/incoming/\",\
-             \"overwrite\":false,\"create_path\":true}\n"
-        );
-        assert_eq!(
-            serde_json::from_str::<Request>(line.trim_end()).unwrap(),
-            req
-        );
-    }
-
-    #[test]
-    fn copy_flags_default_to_false() {
-        let req: Request =
-            serde_json::from_str(r#"{"op":"copy","file_name":"a","guest_dir":"/x"}"#).unwrap();
-        assert_eq!(
-            req,
-            Request::Copy {
-                file_name: "a".into(),
-                guest_dir: "/x".into(),
-                overwrite: false,
-                create_path: false
-            }
-        );
-    }
 
     #[test]
     fn service_requests_round_trip() {
         for (req, text) in [
             (
                 Request::Rescind {
-                    service: ServiceKind::Fcopy,
+                    service: "fcopy".into(),
                 },
                 r#"{"op":"rescind","service":"fcopy"}"#,
             ),
             (
                 Request::Offer {
-                    service: ServiceKind::Fcopy,
+                    service: "kvp".into(),
                 },
-                r#"{"op":"offer","service":"fcopy"}"#,
+                r#"{"op":"offer","service":"kvp"}"#,
             ),
             (Request::Status {}, r#"{"op":"status"}"#),
+            (
+                Request::Service {
+                    service: "xs".into(),
+                    command: serde_json::json!({"op": "fail_next", "errno": 5}),
+                },
+                r#"{"op":"service","service":"xs","command":{"errno":5,"op":"fail_next"}}"#,
+            ),
         ] {
             assert_eq!(serde_json::to_string(&req).unwrap(), text);
             assert_eq!(serde_json::from_str::<Request>(text).unwrap(), req);
@@ -180,12 +153,13 @@ mod tests {
     }
 
     #[test]
-    fn unknown_ops_services_and_fields_are_rejected() {
+    fn unknown_ops_and_fields_are_rejected() {
         for bad in [
             r#"{"op":"format_disk"}"#,
-            r#"{"op":"rescind","service":"kvp"}"#,
+            r#"{"op":"copy","file_name":"a","guest_dir":"/x"}"#,
             r#"{"op":"status","extra":1}"#,
-            r#"{"op":"copy","guest_dir":"/x"}"#,
+            r#"{"op":"rescind"}"#,
+            r#"{"op":"service","service":"fcopy"}"#,
             "not json",
         ] {
             assert!(serde_json::from_str::<Request>(bad).is_err(), "{bad}");
@@ -194,18 +168,14 @@ mod tests {
 
     #[test]
     fn result_response_wire_form() {
-        let resp = Response::Result(CopyReport {
-            ok: false,
-            hresult: Some(0x8007_0050),
-            meaning: Some("file exists".into()),
-            step: Some(Step::StartFileCopy),
-            bytes: 0,
-            seconds: 0.5,
-            error: Some("guest answered START_FILE_COPY with 0x80070050 (file exists)".into()),
-        });
+        let resp = Response::Result {
+            result: serde_json::json!({"ok": false, "hresult": 2147942480u32}),
+        };
         let line = String::from_utf8(resp.to_line()).unwrap();
-        assert!(line.starts_with(r#"{"type":"result","ok":false,"hresult":2147942480,"#));
-        assert!(line.contains(r#""step":"START_FILE_COPY""#));
+        assert_eq!(
+            line,
+            "{\"type\":\"result\",\"result\":{\"hresult\":2147942480,\"ok\":false}}\n"
+        );
         assert_eq!(
             serde_json::from_str::<Response>(line.trim_end()).unwrap(),
             resp

@@ -1,21 +1,19 @@
 //! Answering control requests inside `fakehost serve`.
+//!
+//! Generic: `offer`, `rescind` and `status` go to the bus and to every service in the table;
+//! a `service` request goes to the service it names, which answers with its own JSON. The
+//! server names no service.
 
-use std::fs::File;
 use std::io::Write;
-use std::os::fd::OwnedFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use vmbus::fcopy::{CREATE_PATH, OVER_WRITE};
-
 use super::fdpass::recv_line;
 use super::proto::{Request, Response, StatusReport, MAX_REQUEST_LEN};
 use crate::bus::Bus;
-use crate::fcopy::{CopyRequest, FcopyHost};
-use crate::names;
-use crate::service::ServiceKind;
+use crate::service::{CommandContext, ProgressSink};
 
 /// How long a client may take to send its request line.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
@@ -24,12 +22,10 @@ const CLIENT_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// At most one progress line per this interval (~10 per second).
 const PROGRESS_INTERVAL: Duration = Duration::from_millis(100);
 
-/// What the control server acts on.
+/// What the control server acts on: the bus, which holds the service table.
 pub struct Control {
-    /// The bus (offers, rescinds, guest state).
+    /// The bus (offers, rescinds, guest state, the services).
     pub bus: Arc<Bus>,
-    /// The fcopy host.
-    pub fcopy: Arc<FcopyHost>,
 }
 
 /// Accepts control clients until `stop` is set (then one more connect wakes the loop).
@@ -66,29 +62,44 @@ pub fn serve_client(control: &Control, stream: UnixStream, n: u64) {
         }
     };
     log::debug!("control client #{n}: {request:?}");
+    let bus = &control.bus;
     let response = match request {
-        Request::Copy {
-            file_name,
-            guest_dir,
-            overwrite,
-            create_path,
-        } => {
-            let flags =
-                if overwrite { OVER_WRITE } else { 0 } | if create_path { CREATE_PATH } else { 0 };
-            match prepare_copy(control, fds, file_name, &guest_dir, flags) {
-                Ok(request) => Response::Result(run_copy(control, &stream, request)),
-                Err(error) => {
-                    log::warn!("control client #{n}: copy refused: {error}");
-                    Response::Error { error }
+        Request::Rescind { service } => outcome(bus.rescind(&service)),
+        Request::Offer { service } => outcome(bus.offer(&service)),
+        Request::Status {} => Response::Status(StatusReport {
+            bus: bus.status(),
+            services: bus
+                .services()
+                .iter()
+                .map(|r| (r.offer.name.to_owned(), r.service.status()))
+                .collect(),
+        }),
+        Request::Service { service, command } => match bus.find(&service) {
+            Err(e) => Response::Error {
+                error: e.to_string(),
+            },
+            Ok(id) => {
+                let mut progress = ClientProgress {
+                    stream: &stream,
+                    last: None,
+                };
+                let ctx = CommandContext {
+                    offered: bus.is_offered(id),
+                    fds,
+                    progress: &mut progress,
+                };
+                let row = &bus.services()[id];
+                match row.service.command(command, ctx) {
+                    Ok(result) => Response::Result { result },
+                    Err(e) => {
+                        log::warn!("control client #{n}: {service} command refused: {e}");
+                        Response::Error {
+                            error: e.to_string(),
+                        }
+                    }
                 }
             }
-        }
-        Request::Rescind { service } => outcome(control.bus.rescind(service)),
-        Request::Offer { service } => outcome(control.bus.offer(service)),
-        Request::Status {} => Response::Status(StatusReport {
-            bus: control.bus.status(),
-            fcopy: control.fcopy.status(),
-        }),
+        },
     };
     if let Err(e) = send(&stream, &response) {
         log::info!("control client #{n} left before the answer: {e}");
@@ -101,6 +112,10 @@ fn outcome(result: Result<String, crate::bus::BusError>) -> Response {
             log::info!("{message}");
             Response::Outcome { ok: true, message }
         }
+        // An unknown name is a usage error, not a "no" from the bus.
+        Err(crate::bus::BusError::Unknown(e)) => Response::Error {
+            error: e.to_string(),
+        },
         Err(e) => Response::Outcome {
             ok: false,
             message: e.to_string(),
@@ -108,66 +123,30 @@ fn outcome(result: Result<String, crate::bus::BusError>) -> Response {
     }
 }
 
-/// Checks a copy request before anything is sent to the guest.
-fn prepare_copy(
-    control: &Control,
-    fds: Vec<OwnedFd>,
-    file_name: String,
-    guest_dir: &str,
-    flags: u32,
-) -> Result<CopyRequest, String> {
-    let mut fds = fds.into_iter();
-    let (Some(fd), None) = (fds.next(), fds.next()) else {
-        return Err(
-            "a copy request needs exactly one open file descriptor attached \
-                    (SCM_RIGHTS): the source file"
-                .into(),
-        );
-    };
-    let source = File::from(fd);
-    let meta = source
-        .metadata()
-        .map_err(|e| format!("cannot stat the source file: {e}"))?;
-    if !meta.is_file() {
-        return Err("the source is not a regular file".into());
-    }
-    names::check_file_name(&file_name).map_err(|e| e.to_string())?;
-    let path_name = names::guest_path_name(guest_dir).map_err(|e| e.to_string())?;
-    if !control.bus.is_offered(ServiceKind::Fcopy) {
-        return Err(
-            "fcopy is not offered (it was rescinded); run `fakehost offer fcopy` first".into(),
-        );
-    }
-    Ok(CopyRequest {
-        file_name,
-        path_name,
-        flags,
-        source,
-        size: meta.len(),
-    })
+/// Progress lines to the client, throttled; a client that stops listening is gone.
+struct ClientProgress<'a> {
+    stream: &'a UnixStream,
+    last: Option<Instant>,
 }
 
-/// Runs the copy, streaming progress lines; a client that stops listening cancels the copy.
-fn run_copy(
-    control: &Control,
-    stream: &UnixStream,
-    request: CopyRequest,
-) -> crate::fcopy::CopyReport {
-    let mut last: Option<Instant> = None;
-    let mut progress = |done: u64, total: u64| {
-        if last.is_some_and(|t| t.elapsed() < PROGRESS_INTERVAL) {
+impl ProgressSink for ClientProgress<'_> {
+    fn interval(&self) -> Duration {
+        PROGRESS_INTERVAL
+    }
+
+    fn report(&mut self, done: u64, total: u64) -> bool {
+        if self.last.is_some_and(|t| t.elapsed() < PROGRESS_INTERVAL) {
             return true;
         }
-        last = Some(Instant::now());
-        match send(stream, &Response::Progress { done, total }) {
+        self.last = Some(Instant::now());
+        match send(self.stream, &Response::Progress { done, total }) {
             Ok(()) => true,
             Err(e) => {
-                log::info!("copy: the control client went away ({e}); cancelling");
+                log::info!("the control client went away ({e}); cancelling its command");
                 false
             }
         }
-    };
-    control.fcopy.copy(request, &mut progress)
+    }
 }
 
 fn send(mut stream: &UnixStream, response: &Response) -> std::io::Result<()> {

@@ -1,16 +1,60 @@
-//! One file copy: START_FILE_COPY, WRITE_TO_FILE × n, COMPLETE_FCOPY; CANCEL_FCOPY on failure.
+//! One file copy as the control connection sees it: wait for the channel, send
+//! START_FILE_COPY, then wait for the packet path ([`super::machine`]) to finish the copy while
+//! enforcing step deadlines and reporting progress; and the report.
 
 use std::fmt;
 use std::fs::File;
-use std::os::unix::fs::FileExt;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use vmbus::fcopy::{self as wire, op, DATA_FRAGMENT};
-use vmbus::ic::{self, status::HV_S_OK};
+use vmbus::fcopy::{self as wire, op};
+use vmbus::ic::{self, msgtype, status::HV_S_OK};
 
-use super::txn::{ReadyError, TxnError};
-use super::FcopyHost;
+use super::machine::{Outcome, Phase, Run};
+use super::{FcopyHost, VERSIONS};
+use crate::service::ProgressSink;
+
+/// Why a transaction got no status.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TxnError {
+    /// The channel stream (or the whole guest) went away before the reply.
+    #[error("guest went away (the fcopy channel closed)")]
+    GuestGone,
+    /// No reply within the step timeout.
+    #[error("guest did not answer within {}", secs(*.0))]
+    Timeout(Duration),
+}
+
+/// Why the channel is not ready for a copy.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReadyError {
+    /// No guest opened the fcopy channel in time.
+    #[error(
+        "the fcopy channel was not opened within {}: is a guest (cusedev) connected to this \
+         host and its fcopy device up?",
+        secs(*.0)
+    )]
+    NoChannel(Duration),
+    /// The channel is open but NEGOTIATE went unanswered.
+    #[error(
+        "the guest did not answer the fcopy version negotiation within {} (a 2014-style \
+         driver answers only once hv_fcopy_daemon has registered)",
+        secs(*.0)
+    )]
+    NegotiationUnanswered(Duration),
+    /// The guest found no common version.
+    #[error("the guest refused the fcopy version negotiation (we offer {})", VERSIONS.describe())]
+    Refused,
+}
+
+/// "60 s", "0.5 s".
+pub fn secs(d: Duration) -> String {
+    if d.subsec_nanos() == 0 {
+        format!("{} s", d.as_secs())
+    } else {
+        format!("{:.1} s", d.as_secs_f64())
+    }
+}
 
 /// What to copy, as the control socket received it.
 #[derive(Debug)]
@@ -72,12 +116,9 @@ pub struct CopyReport {
     pub error: Option<String>,
 }
 
-/// Called after every acknowledged fragment with (done, total); returning false aborts the copy
-/// (the client that asked for it is gone).
-pub type Progress<'a> = dyn FnMut(u64, u64) -> bool + 'a;
-
+/// Why a copy failed.
 #[derive(Debug)]
-enum Failure {
+pub(super) enum Failure {
     Status(u32),
     Txn(TxnError),
     Ready(ReadyError),
@@ -107,7 +148,9 @@ impl Drop for CopyingFlag<'_> {
 
 impl FcopyHost {
     /// Copies `req.source` into the guest. Copies are serialised: this waits for a running one.
-    pub fn copy(&self, req: CopyRequest, progress: &mut Progress<'_>) -> CopyReport {
+    /// Progress goes to `progress` at its interval; when it reports the client gone, the copy
+    /// is cancelled after the fragment in flight.
+    pub fn copy(&self, req: CopyRequest, progress: &mut dyn ProgressSink) -> CopyReport {
         let _one_at_a_time = self.copy_lock.lock().unwrap_or_else(|e| e.into_inner());
         self.lock().copying = true;
         let _flag = CopyingFlag(self);
@@ -119,14 +162,14 @@ impl FcopyHost {
             req.size,
             req.flags
         );
-        let mut bytes = 0;
-        let result = self.run(&req, &mut bytes, progress);
+        let file_name = req.file_name.clone();
+        let (result, bytes) = self.run(req, progress);
         let seconds = started.elapsed().as_secs_f64();
-        let report = match result {
+        match result {
             Ok(()) => {
                 log::info!(
-                    "copy {:?} done: {bytes} bytes in {seconds:.2} s, guest status 0x00000000",
-                    req.file_name
+                    "copy {file_name:?} done: {bytes} bytes in {seconds:.2} s, guest status \
+                     0x00000000"
                 );
                 CopyReport {
                     ok: true,
@@ -139,8 +182,7 @@ impl FcopyHost {
                 }
             }
             Err((step, failure)) => {
-                log::warn!("copy {:?} failed at {step}: {failure}", req.file_name);
-                self.cancel_after(&failure);
+                log::warn!("copy {file_name:?} failed at {step}: {failure}");
                 let hresult = match failure {
                     Failure::Status(s) => Some(s),
                     _ => None,
@@ -161,102 +203,165 @@ impl FcopyHost {
                     }),
                 }
             }
+        }
+    }
+
+    /// The copy; returns its outcome and the bytes the guest acknowledged.
+    fn run(&self, req: CopyRequest, progress: &mut dyn ProgressSink) -> (Outcome, u64) {
+        // Encode first: a bad name is an error before anything reaches the guest... except
+        // the CANCEL that every host-side failure sends (the daemon ignores it when idle).
+        let start = wire::encode_start(&req.file_name, &req.path_name, req.flags, req.size);
+        let first = match start {
+            Ok(start) => {
+                if let Err(e) = self.wait_ready() {
+                    return (Err((Step::ChannelSetup, Failure::Ready(e))), 0);
+                }
+                Ok(start)
+            }
+            Err(e) => Err(Failure::Local(format!("bad name: {e}"))),
         };
-        report
-    }
-
-    fn run(
-        &self,
-        req: &CopyRequest,
-        bytes: &mut u64,
-        progress: &mut Progress<'_>,
-    ) -> Result<(), (Step, Failure)> {
-        // Encode first: a bad name is an error before anything reaches the guest.
-        let start = wire::encode_start(&req.file_name, &req.path_name, req.flags, req.size)
-            .map_err(|e| {
-                (
-                    Step::StartFileCopy,
-                    Failure::Local(format!("bad name: {e}")),
-                )
-            })?;
-        self.wait_ready()
-            .map_err(|e| (Step::ChannelSetup, Failure::Ready(e)))?;
-        self.step(Step::StartFileCopy, &start)?;
-
-        let mut buf = vec![0u8; DATA_FRAGMENT];
-        let mut offset = 0u64;
-        while offset < req.size {
-            let want = usize::try_from(req.size - offset)
-                .unwrap_or(usize::MAX)
-                .min(DATA_FRAGMENT);
-            let data = buf.get_mut(..want).unwrap_or_default();
-            read_exact_at(&req.source, data, offset, req.size)
-                .map_err(|e| (Step::WriteToFile, Failure::Local(e)))?;
-            let msg = wire::encode_write(offset, data)
-                .map_err(|e| (Step::WriteToFile, Failure::Local(e.to_string())))?;
-            self.step(Step::WriteToFile, &msg)?;
-            offset += want as u64;
-            *bytes = offset;
-            if !progress(offset, req.size) {
-                return Err((
-                    Step::WriteToFile,
-                    Failure::Local(
-                        "cancelled: the client that asked for the copy went away".into(),
-                    ),
-                ));
+        let advance = {
+            let mut state = self.lock();
+            let link_id = state.link.as_ref().map_or(0, |l| l.link.id);
+            state.run = Some(Run::new(link_id, req.source, req.size));
+            match first {
+                Ok(start) => {
+                    let send = state.send_request(
+                        Phase::Step(Step::StartFileCopy),
+                        &start,
+                        0,
+                        self.step_timeout,
+                    );
+                    super::machine::Advance {
+                        finished: send.is_none(),
+                        send,
+                    }
+                }
+                Err(failure) => state.fail(Step::StartFileCopy, failure, self.step_timeout),
             }
-        }
-        self.step(Step::CompleteFcopy, &wire::encode_op(op::COMPLETE_FCOPY))
+        };
+        self.carry_out(advance);
+        self.wait_for_end(progress)
     }
 
-    /// One transaction; a non-zero status is a failure of `step`.
-    fn step(&self, step: Step, msg: &[u8]) -> Result<(), (Step, Failure)> {
-        match self.transact(msg) {
-            Ok(HV_S_OK) => Ok(()),
-            Ok(status) => Err((step, Failure::Status(status))),
-            Err(e) => Err((step, Failure::Txn(e))),
-        }
-    }
-
-    /// CANCEL_FCOPY after a failure, so the daemon closes and deletes a partial file. (After a
-    /// failed START the daemon has already forgotten the name, so a pre-existing file is safe,
-    /// fcopy.md §6.1 step 5.) Whether a real host does this is UNVERIFIED.
-    fn cancel_after(&self, failure: &Failure) {
-        let cancel = wire::encode_op(op::CANCEL_FCOPY);
-        match failure {
-            Failure::Txn(TxnError::GuestGone) | Failure::Ready(_) => {}
-            Failure::Txn(TxnError::Timeout(_)) => {
-                log::info!(
-                    "copy: sending CANCEL_FCOPY without waiting (the guest is not answering)"
+    /// Waits until the packet path ends the copy, a step deadline passes, or it is time for
+    /// a progress line.
+    fn wait_for_end(&self, progress: &mut dyn ProgressSink) -> (Outcome, u64) {
+        let interval = progress.interval();
+        let mut next_tick = Instant::now() + interval;
+        let mut reported = 0u64;
+        let mut state = self.lock();
+        loop {
+            let Some(run) = state.run.as_mut() else {
+                // Cannot happen under the copy lock; say so rather than wait forever.
+                return (
+                    Err((Step::StartFileCopy, Failure::Txn(TxnError::GuestGone))),
+                    0,
                 );
-                self.send_abandoned(&cancel);
+            };
+            if let Some(outcome) = run.outcome.take() {
+                let bytes = run.acked;
+                state.run = None;
+                return (outcome, bytes);
             }
-            Failure::Status(_) | Failure::Local(_) => match self.transact(&cancel) {
-                Ok(status) => log::info!(
-                    "copy: CANCEL_FCOPY answered {status:#010x} ({})",
-                    ic::status_meaning(status)
-                ),
-                Err(e) => log::warn!("copy: CANCEL_FCOPY not answered: {e}"),
-            },
+            let now = Instant::now();
+            let deadline = run.pending.map_or(now, |p| p.deadline);
+            if now >= deadline {
+                let bytes = run.acked;
+                let trans_id = run.pending.map(|p| p.trans_id);
+                let phase = std::mem::replace(&mut run.phase, Phase::Done);
+                state.run = None;
+                if let Some(trans_id) = trans_id {
+                    state.abandon(trans_id);
+                }
+                drop(state);
+                let timeout = TxnError::Timeout(self.step_timeout);
+                return match phase {
+                    Phase::Step(step) => {
+                        log::info!(
+                            "copy: sending CANCEL_FCOPY without waiting (the guest is not \
+                             answering)"
+                        );
+                        self.send_abandoned(&wire::encode_op(op::CANCEL_FCOPY));
+                        (Err((step, Failure::Txn(timeout))), bytes)
+                    }
+                    Phase::Cancelling { step, failure } => {
+                        log::warn!("copy: CANCEL_FCOPY not answered: {timeout}");
+                        (Err((step, failure)), bytes)
+                    }
+                    Phase::Done => (Err((Step::StartFileCopy, Failure::Txn(timeout))), bytes),
+                };
+            }
+            if now >= next_tick {
+                next_tick = now + interval;
+                if run.acked != reported {
+                    let (done, total) = (run.acked, run.size());
+                    reported = done;
+                    drop(state);
+                    let listening = progress.report(done, total);
+                    // Counted from after the report, so the sink's own throttle (the same
+                    // interval, from when it sent) never drops the next one.
+                    next_tick = Instant::now() + interval;
+                    state = self.lock();
+                    if !listening {
+                        if let Some(run) = state.run.as_mut() {
+                            run.client_gone = true;
+                        }
+                    }
+                    continue;
+                }
+            }
+            let wake = deadline.min(next_tick);
+            state = self
+                .changed
+                .wait_timeout(state, wake.saturating_duration_since(now))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
         }
     }
-}
 
-/// Fills `buf` from `file` at `offset`, or says why not (the file shrank, a read error).
-fn read_exact_at(file: &File, buf: &mut [u8], offset: u64, size: u64) -> Result<(), String> {
-    let mut filled = 0;
-    while filled < buf.len() {
-        let at = offset + filled as u64;
-        match file.read_at(&mut buf[filled..], at) {
-            Ok(0) => {
-                return Err(format!(
-                    "the source file shrank while copying (ended at {at} of {size} bytes)"
-                ))
+    /// Waits until the channel is attached and negotiated, at most one step timeout.
+    fn wait_ready(&self) -> Result<(), ReadyError> {
+        use crate::ic::Negotiation;
+        let timeout = self.step_timeout;
+        let deadline = Instant::now() + timeout;
+        let mut state = self.lock();
+        loop {
+            let negotiation = state.link.as_ref().map(|l| l.pipe.negotiation().clone());
+            match negotiation {
+                Some(Negotiation::Agreed { .. }) => return Ok(()),
+                Some(Negotiation::Refused { .. }) => return Err(ReadyError::Refused),
+                _ => {}
             }
-            Ok(n) => filled += n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(format!("cannot read the source file at offset {at}: {e}")),
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(match negotiation {
+                    None => ReadyError::NoChannel(timeout),
+                    Some(_) => ReadyError::NegotiationUnanswered(timeout),
+                });
+            }
+            state = self
+                .changed
+                .wait_timeout(state, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
         }
     }
-    Ok(())
+
+    /// Sends a request without waiting for its reply (CANCEL after a timeout: the guest is
+    /// already not answering, so waiting another step timeout would only delay the report).
+    fn send_abandoned(&self, body: &[u8]) {
+        let (link, packet) = {
+            let mut state = self.lock();
+            let trans_id = state.take_trans_id();
+            let Some(link) = state.link.as_ref() else {
+                return;
+            };
+            let packet = link.pipe.request(msgtype::FCOPY, trans_id, body);
+            let link = link.link.clone();
+            state.abandon(trans_id);
+            (link, packet)
+        };
+        let _ = link.send_packet(&packet);
+    }
 }

@@ -1,45 +1,62 @@
 //! The fcopy host service: what Hyper-V does for `Copy-VMFile -FileSource Host`.
 //!
-//! When the guest attaches the fcopy channel we send NEGOTIATE and remember its answer. A copy
-//! ([`copy`]) then runs START_FILE_COPY, WRITE_TO_FILE fragments of 6144 bytes and
-//! COMPLETE_FCOPY, strictly one transaction at a time (the guest driver has one message slot and
-//! leaves further packets in the ring while one is in flight, fcopy.md §5.4), reporting the
-//! guest's status code. After a failed step it sends CANCEL_FCOPY so the daemon deletes the
-//! partial file.
+//! When the guest attaches the fcopy channel we negotiate through the shared IC helper
+//! ([`crate::ic`]). A copy ([`copy`]) then runs START_FILE_COPY, WRITE_TO_FILE fragments of
+//! 6144 bytes and COMPLETE_FCOPY, strictly one transaction at a time (the guest driver has one
+//! message slot and leaves further packets in the ring while one is in flight, fcopy.md §5.4),
+//! reporting the guest's status code. After a failed step it sends CANCEL_FCOPY so the daemon
+//! deletes the partial file.
 //!
 //! Version choice (the contents a real Windows host sends are UNVERIFIED, fcopy.md §8.1): we
 //! offer exactly what the guest drivers accept, framework [3.0] and fcopy message [1.1]. Both the
 //! 2014 driver and the 6.1 one list only those, so anything else would only fail negotiation;
-//! a framework 1.0 fallback would be dead weight. The NEGOTIATE message's own header carries
-//! the same 3.0 / 1.1 (the guest does not read it).
+//! a framework 1.0 fallback would be dead weight.
 //!
-//! Threads: replies arrive on the channel's reader thread ([`ChannelService::packet`]) and are
-//! put in the one outstanding-transaction slot; the copying thread waits on a condvar with a
-//! deadline. A detach (stream gone) fills the slot with "guest went away" at once.
+//! Threads: a copy is a state machine ([`machine`]) driven from the packet path. The channel
+//! stream's reader thread gets the guest's reply in [`HostService::packet`] and sends the next
+//! fragment itself, so a fragment costs one wake-up of one thread. The control connection's
+//! thread that asked for the copy sends START_FILE_COPY, then only waits: for the end, for a
+//! step deadline (the reader cannot time out while it sleeps in poll), and for its progress
+//! tick. A detach (stream gone) ends the copy with "guest went away" at once.
+//!
+//! Files: [`copy`] (request, report, the waiting side), [`machine`] (the packet side),
+//! [`command`] (the control command), [`cli`] (`fakehost copy`), [`names`] (file names).
 
+pub mod cli;
+pub mod command;
 mod copy;
-mod txn;
+mod machine;
+pub mod names;
 
 use std::collections::VecDeque;
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use vmbus::ic::{self, icflags, msgtype, IcVersion};
+use vmbus::guid::Guid;
+use vmbus::ic::{self, msgtype};
 use vmbus::negotiate::{FCOPY_FW_VERSIONS, FCOPY_SRV_VERSIONS};
-use vmbus::packet::{encode_inband, packet_type, Packet};
+use vmbus::packet::Packet;
 
-use crate::bus::{ChannelLink, ChannelService};
+use crate::bus::ChannelLink;
+use crate::ic::{Answer, IcPipe, IcReply, IcVersions, NegotiationStatus};
+use crate::service::{
+    CommandContext, CommandError, HostService, InstanceGuid, Offer, ServiceClass, ServiceConfig,
+    ServiceStatus,
+};
 
-pub use copy::{CopyReport, CopyRequest, Progress, Step};
+pub use command::FcopyCommand;
+pub use copy::{CopyReport, CopyRequest, ReadyError, Step, TxnError};
 
 /// Default time the guest has to answer one step.
 pub const DEFAULT_STEP_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// VMBus packet flags on our requests. Linux util drivers never look at them and always answer
-/// with an inband echo rather than a completion packet, so we do not ask for a completion.
-/// (What a Windows host sets is UNVERIFIED.)
-const REQUEST_PACKET_FLAGS: u16 = 0;
+/// The versions we offer (see the module docs).
+pub const VERSIONS: IcVersions = IcVersions {
+    label: "fcopy",
+    framework: FCOPY_FW_VERSIONS,
+    service: FCOPY_SRV_VERSIONS,
+};
 
 /// How many abandoned transaction ids we remember, to log their late replies quietly.
 const ABANDONED_MEMORY: usize = 16;
@@ -47,6 +64,7 @@ const ABANDONED_MEMORY: usize = 16;
 /// The fcopy host.
 pub struct FcopyHost {
     state: Mutex<State>,
+    /// Negotiation settled, channel attached or gone, a copy finished.
     changed: Condvar,
     /// Serialises copies: a second `fakehost copy` waits for the first to finish.
     copy_lock: Mutex<()>,
@@ -57,54 +75,26 @@ pub struct FcopyHost {
 struct State {
     link: Option<Link>,
     next_trans_id: u64,
-    outstanding: Option<Outstanding>,
     /// Transactions we stopped waiting for (timed out; CANCEL after a timeout).
     abandoned: VecDeque<u64>,
     copying: bool,
+    /// The copy in flight, once START was sent.
+    run: Option<machine::Run>,
 }
 
 struct Link {
     link: ChannelLink,
-    negotiation: Negotiation,
+    pipe: IcPipe,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Negotiation {
-    Pending {
-        trans_id: u64,
-    },
-    Agreed {
-        framework: IcVersion,
-        message: IcVersion,
-    },
-    Refused,
-}
-
-struct Outstanding {
-    link_id: u64,
-    trans_id: u64,
-    reply: Option<Reply>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Reply {
-    /// The guest answered with this status (icmsg_hdr.status).
-    Status(u32),
-    /// The channel stream ended before the answer.
-    GuestGone,
-}
-
-/// The fcopy side of `fakehost status`.
+/// The fcopy part of `fakehost status` (its `state`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FcopyStatus {
     /// The fcopy channel stream is attached.
     pub channel_attached: bool,
-    /// "none" (no channel), "pending", "agreed" or "refused".
-    pub negotiation: String,
-    /// The agreed framework version ("3.0"), once agreed.
-    pub framework_version: Option<String>,
-    /// The agreed fcopy message version ("1.1"), once agreed.
-    pub message_version: Option<String>,
+    /// The channel's version negotiation.
+    #[serde(flatten)]
+    pub negotiation: NegotiationStatus,
     /// A copy is running.
     pub copy_in_progress: bool,
 }
@@ -133,26 +123,14 @@ impl FcopyHost {
     }
 
     /// A snapshot for `fakehost status`.
-    pub fn status(&self) -> FcopyStatus {
+    pub fn fcopy_status(&self) -> FcopyStatus {
         let state = self.lock();
-        let negotiation = state.link.as_ref().map(|l| l.negotiation);
-        let (framework, message) = match negotiation {
-            Some(Negotiation::Agreed { framework, message }) => {
-                (Some(framework.to_string()), Some(message.to_string()))
-            }
-            _ => (None, None),
-        };
         FcopyStatus {
             channel_attached: state.link.is_some(),
-            negotiation: match negotiation {
-                None => "none",
-                Some(Negotiation::Pending { .. }) => "pending",
-                Some(Negotiation::Agreed { .. }) => "agreed",
-                Some(Negotiation::Refused) => "refused",
-            }
-            .to_owned(),
-            framework_version: framework,
-            message_version: message,
+            negotiation: state
+                .link
+                .as_ref()
+                .map_or_else(NegotiationStatus::none, |l| l.pipe.status()),
             copy_in_progress: state.copying,
         }
     }
@@ -173,16 +151,22 @@ impl State {
     }
 }
 
-/// The IC message for `body`, sent as one inband packet with `trans_id`.
-fn request_packet(icmsgtype: u16, trans_id: u64, body: &[u8]) -> Vec<u8> {
-    let (fw, msg) = (FCOPY_FW_VERSIONS[0], FCOPY_SRV_VERSIONS[0]);
-    // The IC header has an 8-bit transaction id of its own; Linux ignores it (it echoes the
-    // VMBus trans_id), so its low byte is as good as anything.
-    let payload = ic::build_ic_message(icmsgtype, fw, msg, trans_id as u8, body);
-    encode_inband(trans_id, REQUEST_PACKET_FLAGS, &payload)
+impl ServiceClass for FcopyHost {
+    const OFFER: Offer = Offer {
+        name: "fcopy",
+        summary: "guest file copy (hv_fcopy, Copy-VMFile -FileSource Host)",
+        class: Guid::FCOPY,
+        instance: InstanceGuid::PerOffer,
+    };
+    const OFFERED_BY_DEFAULT: bool = true;
+    const CLI: Option<crate::service::ServiceCli> = Some(cli::CLI);
+
+    fn new(config: &ServiceConfig) -> FcopyHost {
+        FcopyHost::new(config.step_timeout)
+    }
 }
 
-impl ChannelService for FcopyHost {
+impl HostService for FcopyHost {
     fn attached(&self, link: ChannelLink) {
         let packet;
         {
@@ -195,89 +179,79 @@ impl ChannelService for FcopyHost {
                     old.link.relid
                 );
             }
+            let (pipe, negotiate) = IcPipe::negotiate(VERSIONS, trans_id);
+            packet = negotiate;
             state.link = Some(Link {
                 link: link.clone(),
-                negotiation: Negotiation::Pending { trans_id },
+                pipe,
             });
-            let body = vmbus::negotiate::build_request_body(FCOPY_FW_VERSIONS, FCOPY_SRV_VERSIONS);
-            packet = request_packet(msgtype::NEGOTIATE, trans_id, &body);
         }
         self.changed.notify_all();
         log::info!(
-            "fcopy: sending NEGOTIATE on relid {} (framework 3.0, fcopy 1.1)",
-            link.relid
+            "fcopy: sending NEGOTIATE on relid {} ({})",
+            link.relid,
+            VERSIONS.describe()
         );
         // A failed send shuts the stream down; the detach that follows cleans up.
         let _ = link.send_packet(&packet);
     }
 
     fn packet(&self, link_id: u64, packet: &Packet<'_>) {
-        if packet.ty != packet_type::DATA_INBAND {
-            log::warn!(
-                "fcopy: ignoring a VMBus packet of type {:#x} (expected inband data)",
-                packet.ty
-            );
-            return;
-        }
-        let hdr = match ic::ic_header(packet.payload) {
-            Ok(hdr) => hdr,
+        let reply = match IcReply::parse(packet) {
+            Ok(reply) => reply,
             Err(e) => {
-                log::warn!("fcopy: ignoring a malformed reply: {e}");
+                log::warn!("fcopy: ignoring {e}");
                 return;
             }
         };
-        if hdr.icflags & icflags::RESPONSE == 0 {
-            log::warn!(
-                "fcopy: ignoring a packet that is not a response (icflags {:#x}, trans_id {})",
-                hdr.icflags,
-                packet.trans_id
-            );
-            return;
-        }
-        let mut state = self.lock();
-        let state = &mut *state;
-        let Some(link) = state.link.as_mut().filter(|l| l.link.id == link_id) else {
-            log::debug!("fcopy: reply on a channel that is no longer current; ignored");
-            return;
-        };
-        if let Negotiation::Pending { trans_id } = link.negotiation {
-            if trans_id == packet.trans_id {
-                match vmbus::negotiate::parse_response(packet.payload) {
-                    Ok(agreed) => {
-                        link.negotiation = negotiation_result(agreed);
-                        self.changed.notify_all();
-                    }
-                    Err(e) => log::warn!("fcopy: ignoring a malformed NEGOTIATE reply: {e}"),
+        let advance = {
+            let mut guard = self.lock();
+            let state = &mut *guard;
+            let Some(link) = state.link.as_mut().filter(|l| l.link.id == link_id) else {
+                log::debug!("fcopy: reply on a channel that is no longer current; ignored");
+                return;
+            };
+            match link.pipe.on_reply(&reply) {
+                Answer::Settled => {
+                    drop(guard);
+                    self.changed.notify_all();
+                    return;
                 }
-                return;
+                Answer::Malformed(_) => return,
+                Answer::NotNegotiation => {}
             }
-        }
-        match state.outstanding.as_mut() {
-            Some(o)
-                if o.link_id == link_id && o.trans_id == packet.trans_id && o.reply.is_none() =>
+            if state
+                .run
+                .as_ref()
+                .is_some_and(|run| run.awaits(link_id, reply.trans_id))
             {
-                if hdr.icmsgtype.get() != msgtype::FCOPY {
+                if reply.msgtype() != msgtype::FCOPY {
                     log::warn!(
                         "fcopy: ignoring a reply with icmsgtype {} (expected {})",
-                        hdr.icmsgtype.get(),
+                        reply.msgtype(),
                         msgtype::FCOPY
                     );
                     return;
                 }
-                o.reply = Some(Reply::Status(hdr.status.get()));
-                self.changed.notify_all();
+                state.on_copy_reply(reply.status(), self.step_timeout)
+            } else {
+                if state.abandoned.contains(&reply.trans_id) {
+                    log::info!(
+                        "fcopy: late reply to abandoned transaction {}: {:#010x} ({})",
+                        reply.trans_id,
+                        reply.status(),
+                        ic::status_meaning(reply.status())
+                    );
+                } else {
+                    log::warn!(
+                        "fcopy: ignoring a reply with unexpected trans_id {}",
+                        reply.trans_id
+                    );
+                }
+                return;
             }
-            _ if state.abandoned.contains(&packet.trans_id) => log::info!(
-                "fcopy: late reply to abandoned transaction {}: {:#010x} ({})",
-                packet.trans_id,
-                hdr.status.get(),
-                ic::status_meaning(hdr.status.get())
-            ),
-            _ => log::warn!(
-                "fcopy: ignoring a reply with unexpected trans_id {}",
-                packet.trans_id
-            ),
-        }
+        };
+        self.carry_out(advance);
     }
 
     fn detached(&self, link_id: u64) {
@@ -286,35 +260,38 @@ impl ChannelService for FcopyHost {
             log::info!("fcopy: channel closed");
             state.link = None;
         }
-        if let Some(o) = state.outstanding.as_mut() {
-            if o.link_id == link_id && o.reply.is_none() {
-                o.reply = Some(Reply::GuestGone);
-            }
-        }
+        state.guest_gone(link_id);
         drop(state);
         self.changed.notify_all();
     }
-}
 
-/// Interprets the guest's negotiate answer: only the versions we offered count as agreed.
-fn negotiation_result(agreed: Option<(IcVersion, IcVersion)>) -> Negotiation {
-    match agreed {
-        Some((framework, message))
-            if FCOPY_FW_VERSIONS.contains(&framework) && FCOPY_SRV_VERSIONS.contains(&message) =>
-        {
-            log::info!("fcopy: negotiated framework {framework}, fcopy message {message}");
-            Negotiation::Agreed { framework, message }
-        }
-        Some((framework, message)) => {
-            log::warn!(
-                "fcopy: guest chose framework {framework}, message {message}, which we did not \
-                 offer; treating the negotiation as failed"
-            );
-            Negotiation::Refused
-        }
-        None => {
-            log::warn!("fcopy: guest found no common version (framework 3.0, fcopy 1.1 offered)");
-            Negotiation::Refused
+    fn command(
+        &self,
+        command: serde_json::Value,
+        ctx: CommandContext<'_>,
+    ) -> Result<serde_json::Value, CommandError> {
+        command::run(self, command, ctx)
+    }
+
+    fn status(&self) -> ServiceStatus {
+        let status = self.fcopy_status();
+        let summary = format!(
+            "channel {}, {}, {}",
+            if status.channel_attached {
+                "attached"
+            } else {
+                "not attached"
+            },
+            status.negotiation.summary(VERSIONS.label),
+            if status.copy_in_progress {
+                "a copy is running"
+            } else {
+                "idle"
+            }
+        );
+        ServiceStatus {
+            summary,
+            state: serde_json::to_value(&status).unwrap_or(serde_json::Value::Null),
         }
     }
 }
