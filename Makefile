@@ -3,7 +3,7 @@
 CARGO      ?= cargo
 RELEASE    := target/release
 
-.PHONY: all build deps demo qemu-demo test lint unit e2e bench guest clean
+.PHONY: all build deps demo qemu-demo test check lint unit e2e bench guest clean
 
 all: build
 
@@ -32,6 +32,17 @@ qemu-demo: deps guest
 test: deps lint guest
 	$(CARGO) build --workspace --bins
 	$(CARGO) test --workspace --no-fail-fast
+
+## check: the daily loop on a warm tree, in a few minutes: fmt, clippy, unit tests and the
+## real-FUSE tests (the real daemon included), with no apt and no QEMU. Run `make deps` once
+## first. `make test` stays the whole suite, the one CI runs.
+HOST_TESTS := $(addprefix --test ,$(filter-out qemu_%,$(basename $(notdir $(wildcard tests/tests/*.rs)))))
+check: lint
+	$(CARGO) build --workspace --bins
+	$(CARGO) test --workspace --lib --bins --no-fail-fast
+	$(CARGO) test -p vhost-vsock --tests --no-fail-fast
+	$(CARGO) test -p cusedev-tests $(HOST_TESTS) --no-fail-fast
+	$(CARGO) test -p fakehost --tests --no-fail-fast
 
 lint:
 	$(CARGO) fmt --all -- --check
