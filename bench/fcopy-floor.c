@@ -100,6 +100,16 @@ static const char *op_name(uint32_t op)
 	}
 }
 
+static const char *status_name(uint32_t status)
+{
+	switch (status) {
+	case HV_ERROR_ALREADY_EXISTS: return "file exists";
+	case HV_ERROR_DISK_FULL: return "disk full";
+	case HV_E_FAIL: return "failure";
+	default: return "unknown status";
+	}
+}
+
 /* Reports a failure, stops the session; the request at hand gets errno `err`. */
 static void fail(fuse_req_t req, int err, const char *fmt, ...)
 {
@@ -377,8 +387,12 @@ static void op_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t siz
 		break;
 	case ST_WAIT_STATUS:
 		if (value != 0) {
-			fail(req, EINVAL, "the daemon answered 0x%08x to %s at offset %llu", value,
-			     op_name(g.sent_op), (unsigned long long)g.offset);
+			if (g.sent_op == WRITE_TO_FILE) /* the slot still holds that fragment */
+				fail(req, EINVAL, "the daemon answered 0x%08x (%s) to WRITE_TO_FILE at offset %llu",
+				     value, status_name(value), (unsigned long long)g.msg.data.offset);
+			else
+				fail(req, EINVAL, "the daemon answered 0x%08x (%s) to %s", value,
+				     status_name(value), op_name(g.sent_op));
 			return;
 		}
 		if (g.sent_op == COMPLETE_FCOPY) {
