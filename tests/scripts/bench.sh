@@ -335,7 +335,9 @@ run_project() {
     # (perf stat exits 0 whatever its workload did: the result line and cmp decide.)
     [ "$rc" = 0 ] && grep -q '^copied ' "$l.copy.out" ||
         die "$label: fakehost copy failed (exit $rc): $(cat "$l.copy.out" "$l.copy.err")"
-    stop $dm $cd $fh
+    stop $dm # one at a time, each before what it uses: no errors from a vanishing peer
+    stop $cd
+    stop $fh
     [ "$kind" = time ] || count_collect
     check_unmounted
     check_output "$src"
