@@ -48,8 +48,10 @@ lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
-## bench (not part of test): 1 GiB through the unmodified daemon vs. dd bs=6k to the same tmpfs;
-## then in QEMU: guest boot -> daemon ready and fcopy over CUSE + vsock, and our vhost-user-vsock
+## bench (not part of test): 1 GiB through the unmodified daemon, the project (fakehost + cusedev
+## FUSE) against the floor (bench/fcopy-floor.c, one libfuse3 process that also plays the host),
+## alternated, medians of 3, unpinned and pinned to one CPU, with wake-ups and syscalls per
+## fragment (BENCH_BYTES, BENCH_ROUNDS, ... : see tests/scripts/bench.sh); then in QEMU: guest boot -> daemon ready and fcopy over CUSE + vsock, and our vhost-user-vsock
 ## backend against rust-vmm's vhost-device-vsock (installed into build/cargo-root) in the same run.
 bench: deps guest
 	$(CARGO) build --release --workspace --bins
