@@ -1,26 +1,21 @@
-//! Sleeping the way a driver sleeps: `wait_event_interruptible` for userspace threads.
+//! A driver's lock and wait queue, and the signal flag of a request.
 //!
 //! A kernel driver keeps its state under a lock and sleeps on a wait queue until a condition
-//! holds or a signal arrives. Here the "signal" is a FUSE_INTERRUPT from the kernel for the
-//! request being served, delivered through the request's [`Interrupt`]. Device calls do not
-//! sleep on threads any more (they park their reply, [`crate::reply`]); [`WaitState`] remains the
-//! driver lock and the wait queue of the work items (timers, removal) that do run on threads.
+//! holds or a signal arrives. Device calls here never sleep on a thread: they park their reply
+//! ([`crate::reply`]), and the "signal" is a FUSE_INTERRUPT from the kernel for that request,
+//! delivered through the request's [`Interrupt`], which answers a reply parked interruptibly
+//! with EINTR.
 //!
-//! [`WaitState`] is the lock and the wait queue in one: a `Mutex<T>` plus a `Condvar` plus the
+//! [`WaitState`] is the lock and the wait queue in one: a `Mutex<T>` plus a `Condvar` for the
+//! work items that do run on threads (a timer, a removal waiting for the last close), plus the
 //! poll registrations that a wake-up must also reach (`wake_up_interruptible` wakes both
-//! sleeping readers and pollers in the kernel).
+//! sleepers and pollers in the kernel).
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Instant;
 
-use crate::device::{Errno, PollWaker};
-
-/// Something an interrupt can kick awake. Implemented by [`WaitState`]; kept as a trait
-/// object so an [`Interrupt`] does not need to know the state type.
-trait Kick: Send + Sync {
-    fn kick(&self);
-}
+use crate::device::PollWaker;
 
 /// What firing an interrupt runs: answering a parked request with EINTR.
 type FireHook = Box<dyn FnOnce() + Send>;
@@ -28,8 +23,6 @@ type FireHook = Box<dyn FnOnce() + Send>;
 #[derive(Default)]
 struct InterruptInner {
     fired: AtomicBool,
-    /// The wait queue the request is sleeping on right now, if any.
-    sleeping_on: Mutex<Option<Arc<dyn Kick>>>,
     /// Run once when the interrupt fires (a request parked interruptibly, crate::reply).
     hook: Mutex<Option<FireHook>>,
 }
@@ -57,22 +50,9 @@ impl Interrupt {
         self.0.fired.load(Ordering::SeqCst)
     }
 
-    /// Marks the request interrupted and wakes it if it sleeps.
+    /// Marks the request interrupted and, if it is parked interruptibly, answers it EINTR.
     pub fn fire(&self) {
-        // Order matters: the flag is set before we look for a sleeper. A sleeper registers
-        // itself before it checks the flag, so either we see its registration and kick it
-        // (the kick takes its lock, so it cannot be between check and sleep), or it sees
-        // the flag before it sleeps.
         self.0.fired.store(true, Ordering::SeqCst);
-        let sleeper = self
-            .0
-            .sleeping_on
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        if let Some(queue) = sleeper {
-            queue.kick();
-        }
         let hook = self.0.hook.lock().unwrap_or_else(|e| e.into_inner()).take();
         if let Some(hook) = hook {
             hook();
@@ -94,16 +74,14 @@ impl Interrupt {
         *slot = Some(hook);
         true
     }
-
-    fn set_sleeping_on(&self, queue: Option<Arc<dyn Kick>>) {
-        *self.0.sleeping_on.lock().unwrap_or_else(|e| e.into_inner()) = queue;
-    }
 }
 
 /// A driver's state, its lock and its wait queue.
 pub struct WaitState<T> {
     state: Mutex<T>,
     queue: Condvar,
+    /// Threads waiting on `queue`: a wake-up with nobody there costs no futex call.
+    sleepers: AtomicUsize,
     pollers: Mutex<Vec<PollWaker>>,
 }
 
@@ -112,6 +90,7 @@ impl<T: Send + 'static> WaitState<T> {
         Arc::new(WaitState {
             state: Mutex::new(state),
             queue: Condvar::new(),
+            sleepers: AtomicUsize::new(0),
             pollers: Mutex::new(Vec::new()),
         })
     }
@@ -121,31 +100,6 @@ impl<T: Send + 'static> WaitState<T> {
     /// half-written state across an operation that could panic).
     pub fn lock(&self) -> MutexGuard<'_, T> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// `wait_event_interruptible(queue, done(state))`: sleeps until `done` holds, or returns
-    /// EINTR when the caller's request is interrupted first.
-    pub fn wait_interruptible<'a>(
-        self: &'a Arc<Self>,
-        mut guard: MutexGuard<'a, T>,
-        interrupt: &Interrupt,
-        mut done: impl FnMut(&mut T) -> bool,
-    ) -> Result<MutexGuard<'a, T>, Errno> {
-        if done(&mut guard) {
-            return Ok(guard);
-        }
-        interrupt.set_sleeping_on(Some(self.clone() as Arc<dyn Kick>));
-        let result = loop {
-            if done(&mut guard) {
-                break Ok(());
-            }
-            if interrupt.is_fired() {
-                break Err(Errno::EINTR);
-            }
-            guard = self.queue.wait(guard).unwrap_or_else(|e| e.into_inner());
-        };
-        interrupt.set_sleeping_on(None);
-        result.map(|()| guard)
     }
 
     /// Sleeps until `done` holds or `deadline` passes (no interruption: used by work items
@@ -160,11 +114,15 @@ impl<T: Send + 'static> WaitState<T> {
             if done(&mut guard) {
                 return (guard, true);
             }
+            // Counted under the lock, before the wait releases it: a waker that changes the
+            // state under the lock afterwards sees the count.
+            self.sleepers.fetch_add(1, Ordering::SeqCst);
             match deadline {
                 None => guard = self.queue.wait(guard).unwrap_or_else(|e| e.into_inner()),
                 Some(deadline) => {
                     let now = Instant::now();
                     if now >= deadline {
+                        self.sleepers.fetch_sub(1, Ordering::SeqCst);
                         return (guard, false);
                     }
                     guard = self
@@ -174,6 +132,7 @@ impl<T: Send + 'static> WaitState<T> {
                         .0;
                 }
             }
+            self.sleepers.fetch_sub(1, Ordering::SeqCst);
         }
     }
 
@@ -188,7 +147,9 @@ impl<T: Send + 'static> WaitState<T> {
     /// `wake_up_interruptible(&queue)`: wakes every sleeper and every poller. Call it with
     /// the driver lock held or just after changing the state under it.
     pub fn wake_all(&self) {
-        self.queue.notify_all();
+        if self.sleepers.load(Ordering::SeqCst) != 0 {
+            self.queue.notify_all();
+        }
         let pollers = std::mem::take(&mut *self.pollers.lock().unwrap_or_else(|e| e.into_inner()));
         for poller in pollers {
             poller.wake();
@@ -196,46 +157,11 @@ impl<T: Send + 'static> WaitState<T> {
     }
 }
 
-impl<T: Send> Kick for WaitState<T> {
-    fn kick(&self) {
-        // Taking the lock orders this wake-up after the sleeper's flag check (see fire()).
-        drop(self.state.lock().unwrap_or_else(|e| e.into_inner()));
-        self.queue.notify_all();
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::thread;
-
-    #[test]
-    fn interrupted_wait_returns_eintr() {
-        let ws = WaitState::new(false);
-        let interrupt = Interrupt::new();
-        let waiter = {
-            let ws = ws.clone();
-            let interrupt = interrupt.clone();
-            thread::spawn(move || {
-                let guard = ws.lock();
-                ws.wait_interruptible(guard, &interrupt, |ready| *ready)
-                    .map(|_| ())
-            })
-        };
-        interrupt.fire();
-        assert_eq!(waiter.join().unwrap(), Err(Errno::EINTR));
-    }
-
-    #[test]
-    fn satisfied_wait_ignores_a_fired_interrupt() {
-        let ws = WaitState::new(true);
-        let interrupt = Interrupt::new();
-        interrupt.fire();
-        let guard = ws.lock();
-        assert!(ws
-            .wait_interruptible(guard, &interrupt, |ready| *ready)
-            .is_ok());
-    }
+    use std::time::Duration;
 
     #[test]
     fn wake_all_ends_a_wait_whose_condition_now_holds() {
@@ -244,14 +170,44 @@ mod tests {
             let ws = ws.clone();
             thread::spawn(move || {
                 let guard = ws.lock();
-                let guard = ws
-                    .wait_interruptible(guard, &Interrupt::new(), |n| *n == 7)
-                    .unwrap();
-                *guard
+                let (guard, done) = ws.wait_until(guard, None, |n| *n == 7);
+                (*guard, done)
             })
         };
+        // Only once it sleeps: a wake-up with nobody counted sends nothing.
+        while ws.sleepers.load(Ordering::SeqCst) == 0 {
+            thread::yield_now();
+        }
         *ws.lock() = 7;
         ws.wake_all();
-        assert_eq!(waiter.join().unwrap(), 7);
+        assert_eq!(waiter.join().unwrap(), (7, true));
+    }
+
+    #[test]
+    fn a_wait_with_a_deadline_gives_up_and_leaves_no_sleeper_counted() {
+        let ws = WaitState::new(false);
+        let guard = ws.lock();
+        let deadline = Instant::now() + Duration::from_millis(1);
+        let (_guard, done) = ws.wait_until(guard, Some(deadline), |ready| *ready);
+        assert!(!done);
+        assert_eq!(ws.sleepers.load(Ordering::SeqCst), 0);
+    }
+
+    #[test]
+    fn firing_runs_the_hook_once_and_a_late_hook_runs_at_once() {
+        let interrupt = Interrupt::new();
+        let runs = Arc::new(AtomicUsize::new(0));
+        let counter = runs.clone();
+        assert!(interrupt.on_fire(Box::new(move || {
+            counter.fetch_add(1, Ordering::SeqCst);
+        })));
+        interrupt.fire();
+        interrupt.fire();
+        assert_eq!(runs.load(Ordering::SeqCst), 1);
+        let counter = runs.clone();
+        assert!(!interrupt.on_fire(Box::new(move || {
+            counter.fetch_add(1, Ordering::SeqCst);
+        })));
+        assert_eq!(runs.load(Ordering::SeqCst), 2);
     }
 }

@@ -70,6 +70,8 @@ struct RingState {
     packets: VecDeque<InboundPacket>,
     bytes: usize,
     closed: bool,
+    /// A pusher waits for room: only then does taking a packet need a wake-up.
+    pusher_waiting: bool,
 }
 
 impl InboundRing {
@@ -81,6 +83,7 @@ impl InboundRing {
                 packets: VecDeque::new(),
                 bytes: 0,
                 closed: false,
+                pusher_waiting: false,
             }),
             space: Condvar::new(),
         }
@@ -94,8 +97,10 @@ impl InboundRing {
         // A packet larger than the whole ring is let in alone, so it can be refused by the
         // driver (ENOBUFS) instead of blocking the stream forever.
         while !state.closed && state.bytes > 0 && state.bytes + cost > self.capacity_bytes {
+            state.pusher_waiting = true;
             state = self.space.wait(state).unwrap_or_else(|e| e.into_inner());
         }
+        state.pusher_waiting = false;
         if state.closed {
             return false;
         }
@@ -121,7 +126,9 @@ impl InboundRing {
         if let Some(p) = &packet {
             state.bytes -= p.payload.len() + 16;
         }
-        self.space.notify_all();
+        if state.pusher_waiting {
+            self.space.notify_all();
+        }
         Ok(packet)
     }
 

@@ -19,10 +19,13 @@
 //!
 //! Threads: the kernel runs the channel callback in one tasklet per channel, the timeout in a
 //! workqueue and the send-work in another. Here the callback is serialised by a mutex (it may
-//! be called by the bus reader and by the re-poll [`DelayedWork`] at the same time), the
-//! timeout is a [`DelayedWork`], and the send-work runs inline at the end of the callback
-//! (the kernel's `schedule_work()` runs it right after, on the same CPU; `Service::send_data`
-//! says which kernel race that rules out).
+//! be called by the bus reader and by a re-poll at the same time), the timeout is a
+//! [`DelayedWork`], and the send-work runs inline at the end of the callback (the kernel's
+//! `schedule_work()` runs it right after, on the same CPU; `Service::send_data` says which
+//! kernel race that rules out). The re-poll that `hv_poll_channel()` schedules as a tasklet
+//! once a transaction ends runs on the thread that ended it (the daemon's write, the timer),
+//! right after it lets go of the driver lock: nothing can tell the two apart, and a host that
+//! has its next request waiting in the ring gets it to the daemon without a thread hop.
 
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
@@ -54,8 +57,6 @@ pub struct Fcopy61 {
     callback_serial: Mutex<()>,
     /// `fcopy_timeout_work`.
     timer: Arc<DelayedWork>,
-    /// The channel's callback tasklet, scheduled by `hv_poll_channel()` (re-poll).
-    tasklet: Arc<DelayedWork>,
 }
 
 /// The fcopy service state (`fcopy_transaction` and friends), under the driver lock.
@@ -66,8 +67,10 @@ pub(crate) struct Service {
     /// The channel and the host request in hand.
     host: HostSide,
     timer: Arc<DelayedWork>,
-    tasklet: Arc<DelayedWork>,
     timeout: Duration,
+    /// `hv_poll_channel()` was asked for with a packet waiting: whoever ends the transaction
+    /// re-polls once it lets go of the driver lock ([`Fcopy61::repoll_if_asked`]).
+    repoll: bool,
 }
 
 impl Fcopy61 {
@@ -79,30 +82,29 @@ impl Fcopy61 {
                 me.clone(),
                 Fcopy61::timeout_work,
             ));
-            let tasklet = Arc::new(DelayedWork::for_driver(
-                "hv_fcopy-poll",
-                me.clone(),
-                <Fcopy61 as ChannelDriver>::on_channel_callback,
-            ));
             let service = Service {
                 state: State::DeviceInit,
                 dm_reg_value: None,
                 host: HostSide::new(channel),
                 timer: timer.clone(),
-                tasklet: tasklet.clone(),
                 timeout,
+                repoll: false,
             };
             Fcopy61 {
                 hvt: HvutilTransport::new(service),
                 callback_serial: Mutex::new(()),
                 timer,
-                tasklet,
             }
         })
     }
 
     /// `fcopy_timeout_func()`: the daemon did not answer in time.
     fn timeout_work(&self) {
+        self.fail_timed_out_request();
+        self.repoll_if_asked();
+    }
+
+    fn fail_timed_out_request(&self) {
         let mut guard = self.hvt.lock();
         let svc = &mut guard.svc;
         warn!(
@@ -118,6 +120,15 @@ impl Fcopy61 {
         svc.poll_wrapper();
     }
 
+    /// The re-poll `hv_poll_channel()` asked for, if it did: the channel callback, on this
+    /// thread, with no lock held.
+    fn repoll_if_asked(&self) {
+        let asked = std::mem::take(&mut self.hvt.lock().svc.repoll);
+        if asked {
+            self.on_channel_callback();
+        }
+    }
+
     /// Test visibility: the service state.
     #[cfg(test)]
     fn state(&self) -> State {
@@ -128,7 +139,6 @@ impl Fcopy61 {
 impl Drop for Fcopy61 {
     fn drop(&mut self) {
         self.timer.shutdown();
-        self.tasklet.shutdown();
     }
 }
 
@@ -140,17 +150,17 @@ impl Service {
     }
 
     /// `fcopy_poll_wrapper()` via `hv_poll_channel()`: "Transaction is finished, reset the
-    /// state here to avoid races", then schedule the channel tasklet.
+    /// state here to avoid races", then run the channel callback again.
     ///
-    /// The tasklet is only scheduled when a host packet is waiting. Nothing is lost otherwise:
+    /// The re-poll is only asked for when a host packet is waiting. Nothing is lost otherwise:
     /// the bus runs the callback after every packet it adds, and that callback takes the driver
     /// lock we hold, so it sees READY; a packet added before our check is seen by the check.
-    /// It saves a thread wake-up per transaction (the host sends its next request only after
-    /// our reply, so the ring is almost always empty here).
+    /// Every path that can get here (the daemon's write, its read of the handshake reply, the
+    /// timer) re-polls when it lets go of the lock.
     fn poll_wrapper(&mut self) {
         self.state = State::Ready;
         if self.host.channel.has_pending() {
-            self.tasklet.schedule(Duration::ZERO);
+            self.repoll = true;
         }
     }
 
@@ -386,7 +396,10 @@ impl Device for Fcopy61 {
     }
 
     fn read(&self, handle: Handle, count: u32, _offset: u64, _caller: &Caller, reply: ReadReply) {
-        self.hvt.read(handle, count, reply)
+        // Reading the handshake reply registers the daemon (fcopy_register_done), which polls
+        // the channel for what the host sent meanwhile.
+        self.hvt.read(handle, count, reply);
+        self.repoll_if_asked();
     }
 
     fn write(
@@ -397,7 +410,11 @@ impl Device for Fcopy61 {
         _caller: &Caller,
         reply: WriteReply,
     ) {
-        reply.answer(self.hvt.write(handle, data))
+        let result = self.hvt.write(handle, data);
+        // The daemon's answer ended the transaction: the host's next request, if it is in the
+        // ring already, goes to the daemon before its write returns.
+        self.repoll_if_asked();
+        reply.answer(result)
     }
 
     fn poll(&self, handle: Handle, waker: Option<PollWaker>) -> u32 {
@@ -436,7 +453,6 @@ impl ChannelDriver for Fcopy61 {
                 .unwrap_or_else(|e| e.into_inner());
             self.hvt.lock().svc.host.channel_closed = true;
         }
-        self.tasklet.shutdown();
         self.timer.shutdown();
         info!("hv_fcopy: device removed");
     }
@@ -727,7 +743,7 @@ mod tests {
         // A host that does not wait: the callback leaves its packet in the ring.
         rig.host(2, &op(op::COMPLETE_FCOPY));
         assert!(rig.chan.has_pending());
-        // The daemon's answer re-polls the channel (tasklet thread): COMPLETE comes through.
+        // The daemon's answer re-polls the channel: COMPLETE comes through.
         rig.write_u32(h, 0).unwrap();
         wait_for("the re-poll to take COMPLETE from the ring", || {
             !rig.chan.has_pending()
