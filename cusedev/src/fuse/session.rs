@@ -45,7 +45,7 @@ use std::os::fd::OwnedFd;
 use std::os::unix::thread::JoinHandleExt;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, Weak};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, RwLock, Weak};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
@@ -158,8 +158,6 @@ struct OpenFile {
 struct Readers {
     /// Started and not yet finished.
     running: usize,
-    /// Blocked in `read(2)` (or about to be) right now.
-    idle: usize,
     handles: Vec<JoinHandle<()>>,
     /// The session's last reader has wound it down.
     wound_down: bool,
@@ -171,7 +169,7 @@ struct Shared {
     channel: Arc<Channel>,
     handler: Arc<dyn RequestHandler>,
     /// fh → open file. The fh is ours, handed to the kernel in the OPEN reply.
-    files: Mutex<HashMap<u64, OpenFile>>,
+    files: RwLock<HashMap<u64, OpenFile>>,
     next_fh: AtomicU64,
     /// unique → interrupt, for every READ/WRITE/IOCTL that has not been answered yet.
     in_flight: Mutex<HashMap<u64, Interrupt>>,
@@ -185,12 +183,24 @@ struct Shared {
     stopping: AtomicBool,
     max_readers: usize,
     readers: Mutex<Readers>,
+    /// Readers blocked in `read(2)` (or about to be) right now. An atomic, not under the
+    /// `readers` lock: every request changes it twice, and readers must not queue for a lock
+    /// to say so.
+    idle: AtomicUsize,
     /// Signalled when a reader finishes.
     reader_done: Condvar,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    lock.read().unwrap_or_else(|e| e.into_inner())
+}
+
+fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    lock.write().unwrap_or_else(|e| e.into_inner())
 }
 
 /// A running connection. Dropping it stops it (see [`Session::stop`]).
@@ -224,7 +234,7 @@ impl Session {
             label: label.to_owned(),
             channel: Arc::new(Channel::new(fd)),
             handler,
-            files: Mutex::new(HashMap::new()),
+            files: RwLock::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             in_flight: Mutex::new(HashMap::new()),
             flushed: Mutex::new(HashMap::new()),
@@ -233,6 +243,7 @@ impl Session {
             stopping: AtomicBool::new(false),
             max_readers: max_readers.max(1),
             readers: Mutex::new(Readers::default()),
+            idle: AtomicUsize::new(0),
             reader_done: Condvar::new(),
         });
         spawn_reader(&shared)?;
@@ -352,6 +363,14 @@ fn wake_readers_until_done(shared: &Shared) {
     }
 }
 
+/// Starts one more reader unless the session runs [`Shared::max_readers`] already.
+fn spawn_reader_if_room(shared: &Arc<Shared>) -> io::Result<()> {
+    if lock(&shared.readers).running >= shared.max_readers {
+        return Ok(());
+    }
+    spawn_reader(shared)
+}
+
 /// Starts one more reader.
 fn spawn_reader(shared: &Arc<Shared>) -> io::Result<()> {
     let mut readers = lock(&shared.readers);
@@ -360,7 +379,7 @@ fn spawn_reader(shared: &Arc<Shared>) -> io::Result<()> {
         .name("cusedev-fuse".to_owned())
         .spawn(move || reader(for_thread))?;
     readers.running += 1;
-    readers.idle += 1;
+    shared.idle.fetch_add(1, Ordering::SeqCst);
     readers.handles.push(handle);
     Ok(())
 }
@@ -380,11 +399,7 @@ fn reader(shared: Arc<Shared>) {
             break;
         }
         let result = shared.channel.read_request(&mut buf);
-        let last_idle = {
-            let mut readers = lock(&shared.readers);
-            readers.idle -= 1;
-            readers.idle == 0 && readers.running < shared.max_readers
-        };
+        let last_idle = shared.idle.fetch_sub(1, Ordering::SeqCst) == 1;
         let ended = match result {
             // /dev/fuse never returns 0; a socket standing in for it does when its peer closes.
             Ok(0) => {
@@ -395,7 +410,7 @@ fn reader(shared: Arc<Shared>) {
                 if last_idle && !shared.stopping.load(Ordering::SeqCst) {
                     // Nobody is left in read(2): start a reader before serving this request,
                     // in case it is slow.
-                    if let Err(err) = spawn_reader(&shared) {
+                    if let Err(err) = spawn_reader_if_room(&shared) {
                         log::warn!("{label}: cannot start another reader: {err}");
                     }
                 }
@@ -426,7 +441,7 @@ fn reader(shared: Arc<Shared>) {
             shared.stopping.store(true, Ordering::SeqCst);
             break;
         }
-        lock(&shared.readers).idle += 1;
+        shared.idle.fetch_add(1, Ordering::SeqCst);
     }
     let last = {
         let mut readers = lock(&shared.readers);
@@ -480,7 +495,7 @@ fn wind_down(shared: &Shared) {
     for interrupt in sleepers {
         interrupt.fire();
     }
-    let files: Vec<OpenFile> = lock(&shared.files).drain().map(|(_, file)| file).collect();
+    let files: Vec<OpenFile> = write(&shared.files).drain().map(|(_, file)| file).collect();
     if !files.is_empty() {
         log::info!(
             "{}: releasing {} file(s) still open when the session ended",
@@ -584,7 +599,7 @@ fn dispatch(shared: &Arc<Shared>, message: &[u8]) -> Flow {
             // but check the request is well-formed and note the close (see "Order").
             let reply = match parse::<FlushIn>(req.body) {
                 Ok((flush_in, _)) => {
-                    let device = lock(&shared.files)
+                    let device = read(&shared.files)
                         .get(&flush_in.fh)
                         .map(|file| file.device.clone());
                     if let Some(device) = device {
@@ -631,7 +646,7 @@ impl Shared {
     }
 
     fn file(&self, fh: u64) -> Result<OpenFile, Errno> {
-        lock(&self.files).get(&fh).cloned().ok_or(Errno::EBADF)
+        read(&self.files).get(&fh).cloned().ok_or(Errno::EBADF)
     }
 
     /// A request on `fh` after its FLUSH: the file is still open (a dup of the closed
@@ -800,7 +815,7 @@ fn open(shared: &Shared, req: &Request<'_>) {
         }
     };
     let fh = shared.next_fh.fetch_add(1, Ordering::Relaxed);
-    lock(&shared.files).insert(
+    write(&shared.files).insert(
         fh,
         OpenFile {
             device: device.clone(),
@@ -821,7 +836,7 @@ fn open(shared: &Shared, req: &Request<'_>) {
     if !shared.reply_ok(unique, req.opcode, &[out.as_bytes()]) {
         // The kernel will never send RELEASE for a handle it never saw: close it here, or a
         // single-open device would stay busy forever.
-        lock(&shared.files).remove(&fh);
+        write(&shared.files).remove(&fh);
         device.release(handle);
     }
 }
@@ -831,7 +846,7 @@ fn release(shared: &Shared, req: &Request<'_>) -> Reply {
         Ok((release_in, _)) => release_in,
         Err(err) => return shared.malformed(req, err),
     };
-    let file = lock(&shared.files).remove(&release_in.fh);
+    let file = write(&shared.files).remove(&release_in.fh);
     match file {
         Some(file) => {
             log::debug!(
