@@ -360,6 +360,57 @@ fn several_sleeping_reads_are_all_served() {
     }
 }
 
+/// Threads of this process the FUSE engine runs (named `cusedev-fuse...`).
+fn engine_threads() -> usize {
+    fs::read_dir("/proc/self/task")
+        .unwrap()
+        .filter_map(|task| fs::read_to_string(task.ok()?.path().join("comm")).ok())
+        .filter(|comm| comm.starts_with("cusedev-fuse"))
+        .count()
+}
+
+/// Two hundred callers asleep in pread(2) on a real FUSE mount are parked requests in the
+/// engine, not threads of it; one write wakes every one of them.
+#[test]
+fn two_hundred_sleeping_preads_cost_the_server_no_thread_each() {
+    const SLEEPERS: usize = 200;
+    let fx = Fixture::new("many_sleepers");
+    let file = Arc::new(fx.open().unwrap());
+    let (tx, rx) = mpsc::channel();
+    let mut readers = Vec::new();
+    for _ in 0..SLEEPERS {
+        let reader_file = file.clone();
+        let tx = tx.clone();
+        let reader = thread::Builder::new()
+            .stack_size(64 << 10)
+            .spawn(move || {
+                let mut byte = [0u8; 1];
+                let n = reader_file.read_at(&mut byte, 0).map_err(errno);
+                tx.send(n.map(|n| byte[..n].to_vec())).unwrap()
+            })
+            .unwrap();
+        readers.push(reader);
+    }
+    for _ in 0..SLEEPERS {
+        fx.expect(Event::ReaderSleeping);
+    }
+    // Every session of this test binary (tests run in parallel) has at most MAX_READERS
+    // readers; a thread per sleeper would be two hundred of them.
+    let threads = engine_threads();
+    assert!(
+        threads < SLEEPERS / 4,
+        "{threads} engine threads for {SLEEPERS} sleeping calls"
+    );
+    let data = vec![b'x'; SLEEPERS];
+    assert_eq!(file.write_at(&data, 0).unwrap(), SLEEPERS);
+    for _ in 0..SLEEPERS {
+        assert_eq!(rx.recv_timeout(LIMIT).unwrap().unwrap(), b"x");
+    }
+    for reader in readers {
+        reader.join().unwrap();
+    }
+}
+
 extern "C" fn ignore_signal(_: libc::c_int) {}
 
 #[test]
