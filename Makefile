@@ -40,9 +40,9 @@ HOST_TESTS := $(addprefix --test ,$(filter-out qemu_%,$(basename $(notdir $(wild
 check: lint
 	$(CARGO) build --workspace --bins
 	$(CARGO) test --workspace --lib --bins --no-fail-fast
-	$(CARGO) test -p vhost-vsock --tests --no-fail-fast
+	$(CARGO) test -p vhost-vsock $(addprefix --test ,$(basename $(notdir $(wildcard vhost/tests/*.rs)))) --no-fail-fast
+	$(CARGO) test -p fakehost $(addprefix --test ,$(basename $(notdir $(wildcard fakehost/tests/*.rs)))) --no-fail-fast
 	$(CARGO) test -p cusedev-tests $(HOST_TESTS) --no-fail-fast
-	$(CARGO) test -p fakehost --tests --no-fail-fast
 
 lint:
 	$(CARGO) fmt --all -- --check
