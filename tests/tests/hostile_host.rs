@@ -11,8 +11,8 @@ use cusedev_tests::enter_private_mount_namespace;
 use cusedev_tests::harness::{scratch_dir, workspace_binary, Supervised, FCOPY_NODE};
 use vmbus::channel_msg::ChannelMessage;
 use vmbus::guid::Guid;
-use vmbus::ic::{build_ic_message, msgtype, IcVersion};
-use vmbus::negotiate::{build_request_body, parse_response};
+use vmbus::ic::IcVersion;
+use vmbus::negotiate::{build_request_packet, parse_response};
 use vmbus::stream::{encode_frame, kind, FrameHeader, Hello, Role, FRAME_HEADER_LEN};
 
 /// Reads one frame (kind, body), bounded in time so a silent guest fails the test.
@@ -52,18 +52,8 @@ fn accept(listener: &UnixListener, role: Role) -> (UnixStream, Hello) {
 
 /// A NEGOTIATE request packet for the fcopy channel.
 fn negotiate_packet(trans_id: u64) -> Vec<u8> {
-    let body = build_request_body(&[IcVersion::new(3, 0)], &[IcVersion::new(1, 1)]);
-    let payload = build_ic_message(
-        msgtype::NEGOTIATE,
-        IcVersion::new(3, 0),
-        IcVersion::new(1, 1),
-        0,
-        &body,
-    );
-    encode_frame(
-        kind::PACKET,
-        &vmbus::packet::encode_inband(trans_id, 0, &payload),
-    )
+    let packet = build_request_packet(trans_id, &[IcVersion::new(3, 0)], &[IcVersion::new(1, 1)]);
+    encode_frame(kind::PACKET, &packet)
 }
 
 #[test]

@@ -102,6 +102,21 @@ pub const HEARTBEAT_FW_VERSIONS: &[IcVersion] = &[UTIL_FW_VERSION, UTIL_WS2K8_FW
 /// heartbeat service versions (hv_util.c).
 pub const HEARTBEAT_SRV_VERSIONS: &[IcVersion] = &[IcVersion::new(3, 0), IcVersion::new(1, 0)];
 
+/// A host's whole NEGOTIATE request as one VMBus inband packet (descriptor, IC header,
+/// body), as a scripted host sends it. The IC header carries the first version of each list
+/// (guests do not read them), 1.0 for an empty list.
+pub fn build_request_packet(trans_id: u64, fw: &[IcVersion], srv: &[IcVersion]) -> Vec<u8> {
+    let first = |list: &[IcVersion]| list.first().copied().unwrap_or(IcVersion::new(1, 0));
+    let message = crate::ic::build_ic_message(
+        msgtype::NEGOTIATE,
+        first(fw),
+        first(srv),
+        0,
+        &build_request_body(fw, srv),
+    );
+    crate::packet::encode_inband(trans_id, 0, &message)
+}
+
 /// The negotiate body a host sends: counts, then `fw`, then `srv`.
 ///
 /// Never panics; lists longer than 65535 entries (which no guest would accept anyway) are cut
@@ -607,5 +622,21 @@ mod tests {
         assert_eq!(HEARTBEAT_SRV_VERSIONS, [v(3, 0), v(1, 0)]);
         assert_eq!(UTIL_FW_VERSION.to_u32(), 0x0003_0000);
         assert_eq!(FCOPY_SRV_VERSIONS[0].to_u32(), 0x0001_0001);
+    }
+
+    #[test]
+    fn request_packet_is_an_inband_negotiate_with_both_lists() {
+        let bytes = build_request_packet(7, FCOPY_FW_VERSIONS, FCOPY_SRV_VERSIONS);
+        let packet = crate::packet::parse_packet(&bytes).unwrap();
+        assert_eq!(packet.trans_id, 7);
+        let header = crate::ic::ic_header(packet.payload).unwrap();
+        assert_eq!(header.icmsgtype.get(), msgtype::NEGOTIATE);
+        let body = &packet.payload[ICMSG_HDR_LEN..];
+        assert_eq!(
+            &body[..build_request_body(FCOPY_FW_VERSIONS, FCOPY_SRV_VERSIONS).len()],
+            build_request_body(FCOPY_FW_VERSIONS, FCOPY_SRV_VERSIONS).as_slice()
+        );
+        // Empty lists still make a packet (a guest answers it with zero counts).
+        assert!(crate::packet::parse_packet(&build_request_packet(1, &[], &[])).is_ok());
     }
 }

@@ -5,8 +5,8 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::Condvar;
 
-use vmbus::ic::{build_ic_message, msgtype, IcVersion};
-use vmbus::negotiate::build_request_body;
+use vmbus::ic::IcVersion;
+use vmbus::negotiate::build_request_packet;
 
 use super::*;
 use crate::bus::channel::HostChannel;
@@ -216,20 +216,8 @@ impl Host {
 /// Sends the host's fcopy NEGOTIATE (fw 3.0, fcopy 1.1) as transaction 42 on `channel`
 /// and returns the reply packet's transaction id and payload.
 fn negotiate(channel: &mut UnixStream) -> (u64, Vec<u8>) {
-    let body = build_request_body(&[IcVersion::new(3, 0)], &[IcVersion::new(1, 1)]);
-    let payload = build_ic_message(
-        msgtype::NEGOTIATE,
-        IcVersion::new(3, 0),
-        IcVersion::new(1, 1),
-        0,
-        &body,
-    );
-    write_frame(
-        channel,
-        kind::PACKET,
-        &vmbus::packet::encode_inband(42, 0, &payload),
-    )
-    .unwrap();
+    let packet = build_request_packet(42, &[IcVersion::new(3, 0)], &[IcVersion::new(1, 1)]);
+    write_frame(channel, kind::PACKET, &packet).unwrap();
     match read_frame(channel) {
         Ok(Some((kind::PACKET, body))) => {
             let packet = vmbus::packet::parse_packet(&body).expect("a valid packet");
