@@ -363,17 +363,24 @@ fn wake_readers_until_done(shared: &Shared) {
     }
 }
 
-/// Starts one more reader unless the session runs [`Shared::max_readers`] already.
+/// Starts one more reader unless the session runs [`Shared::max_readers`] already. The
+/// check and the start are one step under the lock: two readers that both find themselves
+/// the last idle one must not both start a thread past the cap.
 fn spawn_reader_if_room(shared: &Arc<Shared>) -> io::Result<()> {
-    if lock(&shared.readers).running >= shared.max_readers {
+    let mut readers = lock(&shared.readers);
+    if readers.running >= shared.max_readers {
         return Ok(());
     }
-    spawn_reader(shared)
+    start_reader(shared, &mut readers)
 }
 
 /// Starts one more reader.
 fn spawn_reader(shared: &Arc<Shared>) -> io::Result<()> {
     let mut readers = lock(&shared.readers);
+    start_reader(shared, &mut readers)
+}
+
+fn start_reader(shared: &Arc<Shared>, readers: &mut Readers) -> io::Result<()> {
     let for_thread = shared.clone();
     let handle = thread::Builder::new()
         .name("cusedev-fuse".to_owned())
