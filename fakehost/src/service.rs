@@ -18,6 +18,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+use vmbus::guest_memory::MemoryMessage;
 use vmbus::guid::Guid;
 use vmbus::packet::Packet;
 
@@ -65,6 +66,15 @@ pub trait HostService: Send + Sync {
     /// A well-framed VMBus packet arrived on the link with this id. Anything in it may be
     /// hostile: log and ignore, never panic.
     fn packet(&self, link_id: u64, packet: &Packet<'_>);
+    /// A guest memory message (the guest's DATA answering this service's READ) arrived on
+    /// the link. Same threading and trust as [`HostService::packet`]. The default: this
+    /// service reads no guest pages.
+    fn memory(&self, link_id: u64, message: &MemoryMessage<'_>) {
+        let _ = link_id;
+        log::warn!(
+            "guest sent a memory message to a service that reads no pages: {message:?}; dropped"
+        );
+    }
     /// The link's stream ended (closed, rescinded, guest gone): fail what waits on it.
     fn detached(&self, link_id: u64);
 

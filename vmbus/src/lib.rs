@@ -11,6 +11,8 @@
 //! * [`fcopy`] and [`utf16`]: file-copy messages and the kernel's UTF-16 → UTF-8 conversion;
 //! * [`channel_msg`]: channel-management messages (offers, open, rescind, ...);
 //! * [`guid`]: GUIDs in VMBus byte order and the service class GUIDs;
+//! * [`xs_fastpath`] and [`guest_memory`]: the XStore fastpath's ioctl, VSP messages and
+//!   GPA-direct packet, and the host's access to the pages such a packet names;
 //! * [`stream`] and [`address`]: our own stream framing and where the host listens.
 //!
 //! No I/O and no panics: every parser takes untrusted bytes and returns
@@ -23,11 +25,13 @@ pub mod address;
 pub mod channel_msg;
 pub mod error;
 pub mod fcopy;
+pub mod guest_memory;
 pub mod guid;
 pub mod ic;
 pub mod negotiate;
 pub mod packet;
 pub mod stream;
 pub mod utf16;
+pub mod xs_fastpath;
 
 pub use error::WireError;

@@ -109,6 +109,9 @@ pub struct Packet<'a> {
     /// what `hv_ringbuffer_read` hands a util driver, and its length is the driver's `recvlen`
     /// (drivers/hv/ring_buffer.c, 5.x/6.x), which the driver then echoes back whole.
     pub payload: &'a [u8],
+    /// The whole packet, descriptor included: a packet with a larger descriptor (GPA direct's
+    /// page list) is read from here.
+    pub bytes: &'a [u8],
 }
 
 /// Parses one whole packet (no ring trailer).
@@ -146,6 +149,7 @@ pub fn parse_packet(bytes: &[u8]) -> Result<Packet<'_>, WireError> {
         flags: descriptor.flags.get(),
         trans_id: descriptor.trans_id.get(),
         payload,
+        bytes,
     })
 }
 

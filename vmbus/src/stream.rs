@@ -12,8 +12,10 @@ use crate::WireError;
 
 /// Size of a frame header.
 pub const FRAME_HEADER_LEN: usize = 8;
-/// The largest frame body.
-pub const MAX_FRAME_BODY: usize = 65536;
+/// The largest frame body: the largest packet any driver sends (xs_fastpath's 8192-page
+/// request, 65,624 bytes, which its 128 KiB ring holds) and a guest memory chunk with its
+/// header both fit.
+pub const MAX_FRAME_BODY: usize = 128 << 10;
 /// First word of every HELLO: "VMBS" in little-endian.
 pub const BUS_MAGIC: u32 = 0x5342_4d56;
 /// The bus protocol version this crate speaks.
@@ -29,6 +31,9 @@ pub mod kind {
     pub const CONTROL: u16 = 2;
     /// A VMBus packet ([`crate::packet`]), on a channel stream.
     pub const PACKET: u16 = 3;
+    /// Host access to the pages of a GPA-direct packet ([`crate::guest_memory`]), on a
+    /// channel stream.
+    pub const MEMORY: u16 = 4;
 }
 
 /// The frame header as it is on the stream.
@@ -76,7 +81,10 @@ impl FrameHeader {
             });
         }
         let kind = wire.kind.get();
-        if !matches!(kind, kind::HELLO | kind::CONTROL | kind::PACKET) {
+        if !matches!(
+            kind,
+            kind::HELLO | kind::CONTROL | kind::PACKET | kind::MEMORY
+        ) {
             return Err(WireError::BadValue {
                 what: "bus frame kind",
                 value: kind.into(),
@@ -329,13 +337,13 @@ mod tests {
     }
 
     #[test]
-    fn frame_header_body_over_64k_is_too_long() {
+    fn frame_header_body_over_128k_is_too_long() {
         let ok = FrameHeader {
-            len: 65536,
+            len: 131072,
             kind: kind::CONTROL,
         };
         assert_eq!(FrameHeader::parse(&ok.encode()), Ok(ok));
-        for len in [65537u32, u32::MAX] {
+        for len in [131073u32, u32::MAX] {
             let bytes = FrameHeader {
                 len,
                 kind: kind::CONTROL,
@@ -343,14 +351,14 @@ mod tests {
             .encode();
             assert!(matches!(
                 FrameHeader::parse(&bytes),
-                Err(WireError::TooLong { max: 65536, .. })
+                Err(WireError::TooLong { max: 131072, .. })
             ));
         }
     }
 
     #[test]
     fn frame_header_bad_kind_or_reserved_is_bad_value() {
-        for bad_kind in [0u16, 4, 0xffff] {
+        for bad_kind in [0u16, 5, 0xffff] {
             let bytes = FrameHeader {
                 len: 0,
                 kind: bad_kind,

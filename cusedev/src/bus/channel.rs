@@ -10,7 +10,10 @@
 //! in, the driver pulls them out when it is willing. [`HostChannel`] is the driver's view.
 
 use std::collections::VecDeque;
+use std::io;
 use std::sync::{Condvar, Mutex};
+
+use vmbus::guest_memory::MemoryMessage;
 
 /// One packet as `vmbus_recvpacket()` returns it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -47,6 +50,24 @@ pub trait HostChannel: Send + Sync {
     fn has_pending(&self) -> bool {
         true
     }
+    /// Sends a whole packet the driver built, descriptor included (xs_fastpath's GPA-direct
+    /// request, `vmbus_sendpacket_mpb_desc()`). An error: the host is gone.
+    fn send_packet(&self, packet: &[u8]) -> io::Result<()> {
+        let _ = packet;
+        Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "this channel sends inband packets only",
+        ))
+    }
+    /// Sends a guest memory message body ([`vmbus::guest_memory`]): the answer to a host's
+    /// READ of pages a packet named.
+    fn send_memory(&self, body: &[u8]) -> io::Result<()> {
+        let _ = body;
+        Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "this channel carries no guest memory",
+        ))
+    }
 }
 
 /// What the bus calls on a driver bound to a channel.
@@ -57,6 +78,13 @@ pub trait ChannelDriver: Send + Sync {
     /// The host rescinded the channel: the driver's `util_remove` → service deinit. Blocks as
     /// the kernel's does (the 6.1 hvutil transport waits until the daemon closes its fd).
     fn on_rescind(&self);
+    /// The host reads or writes pages a packet of this driver named (DMA, on our bus). Called
+    /// on the channel's reader thread, in stream order with the packets: a WRITE sent before a
+    /// completion is applied before the completion is seen. Drivers that send no page lists
+    /// get none; one that arrives anyway is the host's mistake.
+    fn on_memory(&self, message: MemoryMessage<'_>) {
+        log::warn!("host sent a guest memory message to a driver that names no pages: {message:?}; dropped");
+    }
 }
 
 /// Host packets waiting to be read by the driver, bounded like the real ring.

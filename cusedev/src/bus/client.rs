@@ -580,6 +580,13 @@ fn pump_channel(
     loop {
         let body = match read_frame(&mut stream)? {
             Some((kind::PACKET, body)) => body,
+            Some((kind::MEMORY, body)) => {
+                match vmbus::guest_memory::MemoryMessage::parse(&body) {
+                    Ok(message) => driver.on_memory(message),
+                    Err(e) => warn!("relid {child_relid}: malformed guest memory message from the host ({e}); dropped"),
+                }
+                continue;
+            }
             Some((other, _)) => {
                 warn!("relid {child_relid}: host sent a frame of kind {other} on a channel stream; dropped");
                 continue;
@@ -624,13 +631,22 @@ impl HostChannel for StreamChannel {
 
     fn send_inband(&self, trans_id: u64, payload: &[u8]) {
         let packet = vmbus::packet::encode_inband(trans_id, 0, payload);
-        let mut writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
-        if let Err(e) = write_frame(&mut *writer, kind::PACKET, &packet) {
+        if let Err(e) = self.send_packet(&packet) {
             warn!(
                 "relid {}: reply {trans_id} not delivered, the host is gone ({e})",
                 self.child_relid
             );
         }
+    }
+
+    fn send_packet(&self, packet: &[u8]) -> io::Result<()> {
+        let mut writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        write_frame(&mut *writer, kind::PACKET, packet)
+    }
+
+    fn send_memory(&self, body: &[u8]) -> io::Result<()> {
+        let mut writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        write_frame(&mut *writer, kind::MEMORY, body)
     }
 }
 

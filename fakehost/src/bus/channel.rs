@@ -9,6 +9,7 @@
 use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 
+use vmbus::guest_memory::MemoryMessage;
 use vmbus::packet::parse_packet;
 use vmbus::stream::{kind, Hello};
 
@@ -34,10 +35,22 @@ pub(super) fn run(bus: &Bus, stream: Arc<UnixStream>, hello: &Hello, conn: u64) 
             Err(FrameError::Io(e)) => break (format!("lost: {e}"), false),
             Err(e) => break (format!("malformed frame: {e}; closing it"), true),
         };
+        if frame.kind == kind::MEMORY {
+            match MemoryMessage::parse(&frame.body) {
+                Ok(message) => service.memory(link_id, &message),
+                Err(e) => {
+                    break (
+                        format!("malformed guest memory message: {e}; closing it"),
+                        true,
+                    )
+                }
+            }
+            continue;
+        }
         if frame.kind != kind::PACKET {
             break (
                 format!(
-                    "unexpected frame kind {} (only PACKET frames belong on a channel); \
+                    "unexpected frame kind {} (only PACKET and MEMORY frames belong on a channel); \
                      closing it",
                     frame.kind
                 ),

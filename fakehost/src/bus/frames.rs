@@ -160,6 +160,9 @@ impl Read for PollFirst<'_> {
     }
 }
 
+/// Bodies up to this size are sent behind their header in one syscall.
+const COALESCE_LIMIT: usize = 4096;
+
 /// The writing half of a bus stream, shared by everyone who sends on it.
 #[derive(Debug)]
 pub struct FrameWriter {
@@ -182,10 +185,20 @@ impl FrameWriter {
     /// Sends one frame. On failure the stream is shut down, so its reader ends too and the
     /// owner learns that the peer is gone in one place.
     pub fn send(&self, kind: u16, body: &[u8]) -> io::Result<()> {
-        let frame = stream::encode_frame(kind, body);
         let result = {
             let _guard = self.write_lock.lock().unwrap_or_else(|e| e.into_inner());
-            (&*self.stream).write_all(&frame)
+            if body.len() <= COALESCE_LIMIT {
+                (&*self.stream).write_all(&stream::encode_frame(kind, body))
+            } else {
+                // Header then body: a large chunk is not copied once more on its way out.
+                let header = FrameHeader {
+                    len: u32::try_from(body.len()).unwrap_or(u32::MAX),
+                    kind,
+                };
+                (&*self.stream)
+                    .write_all(&header.encode())
+                    .and_then(|()| (&*self.stream).write_all(body))
+            }
         };
         if let Err(e) = &result {
             log::warn!("bus write failed ({e}); closing that stream");

@@ -66,6 +66,12 @@ impl ChannelLink {
     pub fn send_packet(&self, packet: &[u8]) -> io::Result<()> {
         self.writer.send(vmbus::stream::kind::PACKET, packet)
     }
+
+    /// Sends one guest memory message body ([`vmbus::guest_memory`]): a READ or WRITE of the
+    /// pages a guest packet named.
+    pub fn send_memory(&self, body: &[u8]) -> io::Result<()> {
+        self.writer.send(vmbus::stream::kind::MEMORY, body)
+    }
 }
 
 /// Why an offer or rescind request was refused.
