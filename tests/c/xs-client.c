@@ -1258,7 +1258,9 @@ static void *load_worker(void *arg)
 	struct own_blob own[OWN_NAMES];
 	memset(own, 0, sizeof(own));
 	char prefix[32], name[64];
-	snprintf(prefix, sizeof(prefix), "load/t%d/", w->index);
+	/* Fixed width and no trailing '/': LIST takes a plain string prefix, and "load/t001" is
+	 * no prefix of another thread's names. */
+	snprintf(prefix, sizeof(prefix), "load/t%03d", w->index);
 	char text[200];
 
 	for (int op = 0; op < l->ops; op++) {
@@ -1268,7 +1270,7 @@ static void *load_worker(void *arg)
 		if (shared)
 			snprintf(name, sizeof(name), "load/shared/s%d", slot);
 		else
-			snprintf(name, sizeof(name), "%sn%d", prefix, slot);
+			snprintf(name, sizeof(name), "%s/n%d", prefix, slot);
 		struct own_blob *mine = shared ? NULL : &own[slot];
 		struct shared_blob *theirs = shared ? &l->shared[slot] : NULL;
 
@@ -1386,7 +1388,7 @@ static void *load_worker(void *arg)
 				if (!own[i].present)
 					continue;
 				/* names come in name order; n0..n5 sort as their slots */
-				snprintf(name, sizeof(name), "%sn%d", prefix, i);
+				snprintf(name, sizeof(name), "%s/n%d", prefix, i);
 				same = j < set.n && !strcmp(set.names[j], name);
 				j++;
 			}
@@ -1410,7 +1412,7 @@ static void *load_worker(void *arg)
 	for (int i = 0; i < OWN_NAMES; i++) {
 		if (!own[i].present)
 			continue;
-		snprintf(name, sizeof(name), "%sn%d", prefix, i);
+		snprintf(name, sizeof(name), "%s/n%d", prefix, i);
 		struct result r = xs_call(fd, &b, OP_DELETE, name, 0, 0, NULL, 0, XS_HEADER);
 		if (!call_ok(&r))
 			mismatch(l, w->index, "final rm %s: %s", name,

@@ -202,7 +202,7 @@ fn blobs_put_through_the_device_are_what_fakehost_stores_and_back() {
         "the client got other bytes than fakehost stored"
     );
 
-    let listed = client(&["ls", "interop/"]);
+    let listed = client(&["ls", "interop"]);
     listed.assert_success("client ls");
     assert_eq!(
         listed.stdout,
