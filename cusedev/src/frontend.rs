@@ -15,7 +15,7 @@ pub enum FrontendChoice {
     Auto,
     /// Real character devices through /dev/cuse.
     Cuse,
-    /// Files in a FUSE mount over the device's directory.
+    /// Files in a FUSE mount over the device's directory (or on its own file, /dev/lguest).
     Fuse,
 }
 
@@ -71,7 +71,7 @@ impl Frontend {
         }
     }
 
-    /// Unregisters every device (CUSE) or unmounts every directory (FUSE).
+    /// Unregisters every device (CUSE) or unmounts every directory and file (FUSE).
     pub fn shutdown(&self) {
         match self {
             Frontend::Cuse(cuse) => cuse.shutdown(),

@@ -25,7 +25,7 @@ use super::node;
 use crate::device::{
     Caller, Device, Errno, Handle, IoctlAnswer, IoctlCall, PollWaker, ReadReply, WriteReply,
 };
-use crate::fuse::dir::check_leaf;
+use crate::fuse::name::parse_node_name;
 use crate::fuse::Session;
 
 /// How long the kernel may take to send CUSE_INIT and register the device.
@@ -63,16 +63,12 @@ pub struct CuseFrontend {
 
 /// Checks a device name relative to /dev: `lguest`, `vmbus/hv_fcopy`.
 fn check_name(name: &str) -> Result<(), CuseError> {
-    let invalid = |reason| CuseError::InvalidName {
-        name: name.to_owned(),
-        reason,
-    };
-    if name.starts_with('/') {
-        return Err(invalid(
-            "the name is relative to /dev and cannot start with '/'",
-        ));
-    }
-    name.split('/').try_for_each(check_leaf).map_err(invalid)
+    parse_node_name(name)
+        .map(drop)
+        .map_err(|reason| CuseError::InvalidName {
+            name: name.to_owned(),
+            reason,
+        })
 }
 
 impl CuseFrontend {

@@ -1,4 +1,5 @@
-//! The FUSE personality: a directory whose entries are devices, like `/dev/vmbus/`.
+//! The FUSE personality of a directory whose entries are devices, like `/dev/vmbus/` (a
+//! top-level device such as `/dev/lguest` is a mount of its own: [`super::file`]).
 //!
 //! This is what a mount of `/dev/fuse` shows: a root directory (node 1, 0755 root:root) and
 //! one regular file per device, with the device's mode (0600 root:root for a misc device).
@@ -12,22 +13,18 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use nix::errno::Errno;
 
 use super::abi::{
-    fattr, parse, parse_name, push_dirent, Attr, AttrOut, BatchForgetIn, EntryOut, ForgetIn,
-    ForgetOne, Opcode, OpenOut, ReadIn, SetattrIn, StatfsOut, DT_DIR, DT_REG, ROOT_ID,
+    parse, parse_name, push_dirent, Attr, BatchForgetIn, EntryOut, ForgetIn, ForgetOne, Opcode,
+    OpenOut, ReadIn, DT_DIR, DT_REG, ROOT_ID,
 };
-use super::init::fuse_init_reply;
+use super::attr::{attr_reply, device_attr, malformed, setattr_reply, statfs_reply, timed_attr};
+use super::init::fuse_mount_init;
+use super::name::check_leaf;
 use super::session::{Reply, Request, RequestHandler};
 use crate::device::Device;
-
-/// `st_blksize` the kernel reports for a character device (PAGE_SIZE).
-const BLKSIZE: u32 = 4096;
-/// Longest file name (NAME_MAX).
-const NAME_MAX: usize = 255;
 
 /// One device in the directory.
 struct Node {
@@ -51,48 +48,6 @@ pub struct DeviceDir {
     path: PathBuf,
     root_attr: Attr,
     state: Mutex<State>,
-}
-
-/// Seconds and nanoseconds since the epoch, as `fuse_attr` carries times.
-fn now() -> (u64, u32) {
-    let since_epoch = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default();
-    (since_epoch.as_secs(), since_epoch.subsec_nanos())
-}
-
-fn timed_attr(ino: u64, mode: u32, nlink: u32) -> Attr {
-    let (secs, nsecs) = now();
-    Attr {
-        ino,
-        mode,
-        nlink,
-        uid: 0,
-        gid: 0,
-        blksize: BLKSIZE,
-        atime: secs,
-        mtime: secs,
-        ctime: secs,
-        atimensec: nsecs,
-        mtimensec: nsecs,
-        ctimensec: nsecs,
-        ..Attr::default()
-    }
-}
-
-/// Checks a directory entry name: what `add` accepts, LOOKUP could find.
-pub fn check_leaf(leaf: &str) -> Result<(), &'static str> {
-    if leaf.is_empty() {
-        Err("the name is empty")
-    } else if leaf == "." || leaf == ".." {
-        Err("\".\" and \"..\" are not device names")
-    } else if leaf.contains('/') || leaf.contains('\0') {
-        Err("a name inside a directory cannot contain '/' or NUL")
-    } else if leaf.len() > NAME_MAX {
-        Err("the name is longer than 255 bytes")
-    } else {
-        Ok(())
-    }
 }
 
 impl DeviceDir {
@@ -129,14 +84,13 @@ impl DeviceDir {
         }
         let ino = state.next_ino;
         state.next_ino += 1;
-        let mode = libc::S_IFREG | (device.mode() & 0o7777);
         state.by_name.insert(leaf.to_owned(), ino);
         state.nodes.insert(
             ino,
             Node {
                 leaf: leaf.to_owned(),
+                attr: device_attr(ino, device.as_ref()),
                 device,
-                attr: timed_attr(ino, mode, 1),
                 lookups: 0,
                 linked: true,
             },
@@ -181,7 +135,7 @@ impl DeviceDir {
     fn lookup(&self, req: &Request<'_>) -> Reply {
         let name = match parse_name(req.body) {
             Ok(name) => name,
-            Err(err) => return malformed(self, req, err),
+            Err(err) => return malformed(&self.path, req, err),
         };
         if req.header.nodeid != ROOT_ID {
             return Reply::Error(Errno::ENOTDIR);
@@ -251,36 +205,10 @@ impl DeviceDir {
         }
     }
 
-    fn attr_reply(attr: Attr) -> Reply {
-        Reply::of(&AttrOut {
-            attr_valid: 0,
-            attr_valid_nsec: 0,
-            dummy: 0,
-            attr,
-        })
-    }
-
-    /// SETATTR: what reaches a device node's inode. Truncation (open with O_TRUNC) and time
-    /// updates are accepted and change nothing, as for a character device; a change of owner
-    /// or mode is refused, since it would not survive the next lookup.
-    fn setattr(&self, req: &Request<'_>) -> Reply {
-        let (setattr, _) = match parse::<SetattrIn>(req.body) {
-            Ok(parsed) => parsed,
-            Err(err) => return malformed(self, req, err),
-        };
-        if setattr.valid & (fattr::MODE | fattr::UID | fattr::GID) != 0 {
-            return Reply::Error(Errno::EPERM);
-        }
-        match self.attr_of(req.header.nodeid) {
-            Ok(attr) => Self::attr_reply(attr),
-            Err(errno) => Reply::Error(errno),
-        }
-    }
-
     fn readdir(&self, req: &Request<'_>) -> Reply {
         let (read_in, _) = match parse::<ReadIn>(req.body) {
             Ok(parsed) => parsed,
-            Err(err) => return malformed(self, req, err),
+            Err(err) => return malformed(&self.path, req, err),
         };
         if req.header.nodeid != ROOT_ID {
             return Reply::Error(Errno::ENOTDIR);
@@ -312,27 +240,9 @@ impl DeviceDir {
     }
 }
 
-fn malformed(dir: &DeviceDir, req: &Request<'_>, err: impl std::fmt::Display) -> Reply {
-    log::warn!(
-        "{}: {} unique={}: {err}; answering EINVAL",
-        dir.path.display(),
-        req.opcode,
-        req.header.unique
-    );
-    Reply::Error(Errno::EINVAL)
-}
-
 impl RequestHandler for DeviceDir {
     fn init(&self, req: &Request<'_>, minor: u32) -> Reply {
-        if req.opcode != Opcode::INIT {
-            log::error!(
-                "{}: {} on a FUSE mount; refusing",
-                self.path.display(),
-                req.opcode
-            );
-            return Reply::Error(Errno::EPROTO);
-        }
-        fuse_init_reply(req.body, minor).into()
+        fuse_mount_init(&self.path, req, minor)
     }
 
     fn device_for_open(&self, nodeid: u64) -> Result<Arc<dyn Device>, Errno> {
@@ -363,11 +273,8 @@ impl RequestHandler for DeviceDir {
                 self.batch_forget(req);
                 Reply::None
             }
-            Opcode::GETATTR => match self.attr_of(req.header.nodeid) {
-                Ok(attr) => Self::attr_reply(attr),
-                Err(errno) => Reply::Error(errno),
-            },
-            Opcode::SETATTR => self.setattr(req),
+            Opcode::GETATTR => attr_reply(self.attr_of(req.header.nodeid)),
+            Opcode::SETATTR => setattr_reply(&self.path, req, |nodeid| self.attr_of(nodeid)),
             Opcode::OPENDIR => {
                 if req.header.nodeid != ROOT_ID {
                     return Reply::Error(Errno::ENOTDIR);
@@ -376,16 +283,7 @@ impl RequestHandler for DeviceDir {
             }
             Opcode::READDIR => self.readdir(req),
             Opcode::RELEASEDIR => Reply::Data(Vec::new()),
-            Opcode::STATFS => {
-                let files = self.lock().nodes.len() as u64 + 1;
-                Reply::of(&StatfsOut {
-                    bsize: BLKSIZE,
-                    frsize: BLKSIZE,
-                    namelen: NAME_MAX as u32,
-                    files,
-                    ..StatfsOut::default()
-                })
-            }
+            Opcode::STATFS => statfs_reply(self.lock().nodes.len() as u64 + 1),
             // The directory's contents are the registered devices and nothing else, as in
             // /dev where only the kernel creates device nodes... except that root may mknod
             // or unlink there; here that is refused.
@@ -407,32 +305,12 @@ impl RequestHandler for DeviceDir {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::device::{Caller, Handle};
-    use crate::fuse::abi::{parse, DirentHeader, InHeader};
+    use crate::fuse::abi::{parse, DirentHeader};
+    use crate::fuse::testing::{node_request, Null};
     use zerocopy::IntoBytes;
 
-    struct Null;
-    impl Device for Null {
-        fn name(&self) -> &str {
-            "test/null"
-        }
-        fn open(&self, _caller: &Caller, _flags: i32) -> Result<Handle, Errno> {
-            Ok(0)
-        }
-    }
-
     fn request(dir: &DeviceDir, opcode: Opcode, nodeid: u64, body: &[u8]) -> Reply {
-        let header = InHeader {
-            opcode: opcode.0,
-            nodeid,
-            unique: 2,
-            ..InHeader::default()
-        };
-        dir.node_request(&Request {
-            header: &header,
-            opcode,
-            body,
-        })
+        node_request(dir, opcode, nodeid, body)
     }
 
     fn lookup(dir: &DeviceDir, name: &str) -> Result<EntryOut, Errno> {
@@ -447,7 +325,7 @@ mod tests {
     #[test]
     fn lookup_finds_a_regular_file_with_the_device_mode_and_no_caching() {
         let dir = DeviceDir::new(Path::new("/dev/test"));
-        dir.add("null", Arc::new(Null)).unwrap();
+        dir.add("null", Null::device()).unwrap();
         let entry = lookup(&dir, "null").unwrap();
         assert_eq!(entry.attr.mode, libc::S_IFREG | 0o600);
         assert_eq!((entry.attr.uid, entry.attr.gid, entry.attr.size), (0, 0, 0));
@@ -458,7 +336,7 @@ mod tests {
     #[test]
     fn removed_name_is_enoent_but_the_node_answers_until_forgotten() {
         let dir = DeviceDir::new(Path::new("/dev/test"));
-        dir.add("null", Arc::new(Null)).unwrap();
+        dir.add("null", Null::device()).unwrap();
         let ino = lookup(&dir, "null").unwrap().nodeid;
         assert!(dir.remove("null").is_some());
         assert_eq!(lookup(&dir, "null").unwrap_err(), Errno::ENOENT);
@@ -481,18 +359,18 @@ mod tests {
     #[test]
     fn readded_device_gets_a_fresh_inode() {
         let dir = DeviceDir::new(Path::new("/dev/test"));
-        let first = dir.add("null", Arc::new(Null)).unwrap();
-        assert_eq!(dir.add("null", Arc::new(Null)), Err(Errno::EEXIST));
+        let first = dir.add("null", Null::device()).unwrap();
+        assert_eq!(dir.add("null", Null::device()), Err(Errno::EEXIST));
         dir.remove("null");
-        let second = dir.add("null", Arc::new(Null)).unwrap();
+        let second = dir.add("null", Null::device()).unwrap();
         assert_ne!(first, second);
     }
 
     #[test]
     fn readdir_lists_dot_dotdot_and_devices_and_resumes_at_offset() {
         let dir = DeviceDir::new(Path::new("/dev/test"));
-        dir.add("b", Arc::new(Null)).unwrap();
-        dir.add("a", Arc::new(Null)).unwrap();
+        dir.add("b", Null::device()).unwrap();
+        dir.add("a", Null::device()).unwrap();
         let names = |offset: u64, size: u32| -> Vec<(String, u64)> {
             let read_in = ReadIn {
                 offset,
@@ -538,14 +416,5 @@ mod tests {
             request(&dir, Opcode::BATCH_FORGET, 0, &truncated_batch),
             Reply::None
         ));
-    }
-
-    #[test]
-    fn leaf_names_are_checked() {
-        assert!(check_leaf("hv_fcopy").is_ok());
-        for bad in ["", ".", "..", "a/b", "a\0b"] {
-            assert!(check_leaf(bad).is_err(), "{bad:?}");
-        }
-        assert!(check_leaf(&"x".repeat(256)).is_err());
     }
 }

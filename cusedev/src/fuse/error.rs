@@ -21,6 +21,16 @@ pub enum FrontendError {
     #[error("cannot use {path} as a mount point: it exists and is not a directory")]
     NotADirectory { path: PathBuf },
 
+    #[error(
+        "refusing to use {path} as a device's mount point: it is {what}, which cusedev did not \
+         make (a character device there means the kernel's driver or CUSE serves the node \
+         already); it is left alone, remove it by hand if it is a leftover"
+    )]
+    NotOurs { path: PathBuf, what: &'static str },
+
+    #[error("cannot mount on {path}: something is mounted there and answers (another cusedev serving this device?)")]
+    AlreadyMounted { path: PathBuf },
+
     #[error("cannot remove the stale FUSE mount at {path}: {source} (try `umount -l {}`)", path.display())]
     StaleMount {
         path: PathBuf,
@@ -41,13 +51,6 @@ pub enum FrontendError {
         #[source]
         source: io::Error,
     },
-
-    #[error(
-        "device name {name:?} has no directory component: top-level device names are not \
-         supported by the FUSE frontend yet (it mounts a directory such as /dev/vmbus; use the \
-         CUSE frontend for /dev/{name})"
-    )]
-    TopLevelName { name: String },
 
     #[error("invalid device name {name:?}: {reason}")]
     InvalidName { name: String, reason: &'static str },

@@ -5,13 +5,16 @@
 //! speak (major 7, minor = the smaller of the two) and the subset of features it wants; until
 //! that answer arrives, every other syscall on the mount waits.
 
+use std::path::Path;
+
 use nix::errno::Errno;
 use zerocopy::IntoBytes;
 
 use super::abi::{
-    init_flags, parse, parse_padded, InitIn, InitOut, INIT_IN_COMPAT_SIZE, INIT_OUT_COMPAT_22_SIZE,
-    KERNEL_MINOR_VERSION, KERNEL_VERSION, MIN_KERNEL_MINOR_VERSION,
+    init_flags, parse, parse_padded, InitIn, InitOut, Opcode, INIT_IN_COMPAT_SIZE,
+    INIT_OUT_COMPAT_22_SIZE, KERNEL_MINOR_VERSION, KERNEL_VERSION, MIN_KERNEL_MINOR_VERSION,
 };
+use super::session::{Reply, Request};
 
 /// The largest WRITE (and READ) payload we accept. With 4 KiB pages this is `MAX_PAGES` pages,
 /// the kernel's own upper limit (FUSE_MAX_MAX_PAGES), so a 1 MiB write(2) is one request.
@@ -86,6 +89,20 @@ pub fn fuse_init_reply(body: &[u8], minor: u32) -> Result<Vec<u8>, Errno> {
         size_of::<InitOut>()
     };
     Ok(out.as_bytes()[..len].to_vec())
+}
+
+/// The INIT answer of a FUSE mount, whatever its root is (the mount at `label`). CUSE_INIT
+/// can only come from `/dev/cuse`; on a mount it means the descriptor is not what we think.
+pub fn fuse_mount_init(label: &Path, req: &Request<'_>, minor: u32) -> Reply {
+    if req.opcode != Opcode::INIT {
+        log::error!(
+            "{}: {} on a FUSE mount; refusing",
+            label.display(),
+            req.opcode
+        );
+        return Reply::Error(Errno::EPROTO);
+    }
+    fuse_init_reply(req.body, minor).into()
 }
 
 #[cfg(test)]

@@ -6,25 +6,36 @@
 //! - [`session`]: the engine: reader threads, parked replies, file handles, interrupts, poll
 //!   notifications; it routes file operations to [`crate::device::Device`] and everything
 //!   else to a [`session::RequestHandler`].
-//! - [`dir`]: the FUSE personality, a directory of devices.
-//! - [`mount`], [`frontend`]: mounting such directories under `/dev`.
+//! - [`attr`]: what a mount says about a device node (GETATTR, SETATTR, STATFS).
+//! - [`dir`]: the FUSE personality of a directory of devices (`/dev/vmbus`);
+//!   [`file`]: that of a top-level device, the mount's root being the device (`/dev/lguest`).
+//! - [`name`]: which device names are accepted, and where their nodes go.
+//! - [`mount_point`], [`mount`], [`frontend`]: what must be at the path, mounting there under
+//!   `/dev`, and which mount serves which device.
 //!
 //! A CUSE frontend reuses `abi`, `channel`, `init` and `session` with a handler of its own
 //! (CUSE_INIT, one device, no nodes).
 
 pub mod abi;
+pub mod attr;
 pub mod channel;
 pub mod dir;
 #[cfg(test)]
 mod engine_tests;
 pub mod error;
+pub mod file;
 pub mod frontend;
 pub mod init;
 pub mod ioctl;
 pub mod mount;
+pub mod mount_point;
+pub mod name;
 pub mod session;
+#[cfg(test)]
+mod testing;
 
 pub use dir::DeviceDir;
 pub use error::FrontendError;
+pub use file::DeviceFile;
 pub use frontend::FuseFrontend;
 pub use session::{Reply, Request, RequestHandler, Session};

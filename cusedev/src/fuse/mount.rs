@@ -1,14 +1,13 @@
-//! Putting a FUSE connection on a directory: `/dev/fuse`, mount(2), umount2(2).
+//! Putting a FUSE connection on a path: `/dev/fuse`, mount(2), umount2(2). What must be at
+//! the path first (a directory, or a file for a top-level device) is [`super::mount_point`]'s.
 //!
-//! The mount looks to a daemon as much like a directory of device nodes as FUSE allows:
+//! The mount looks to a daemon as much like device nodes as FUSE allows:
 //! `allow_other` so any process may reach it (the kernel's own 0600 root:root modes still
 //! apply, because `default_permissions` makes the kernel check them, as for a real node),
 //! `nosuid,nodev,noexec` because it holds nothing to execute.
 
-use std::fs::{DirBuilder, OpenOptions};
-use std::io;
+use std::fs::OpenOptions;
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
-use std::os::unix::fs::DirBuilderExt;
 use std::path::Path;
 
 use nix::errno::Errno;
@@ -22,9 +21,6 @@ pub const FUSE_DEVICE: &str = "/dev/fuse";
 pub const MOUNT_SOURCE: &str = "cusedev";
 pub const MOUNT_FSTYPE: &str = "fuse.cusedev";
 
-/// How many stale mounts stacked on one directory we peel off before giving up.
-const MAX_STALE_MOUNTS: usize = 8;
-
 /// Opens `/dev/fuse` for one connection.
 pub fn open_fuse_device() -> Result<OwnedFd, FrontendError> {
     let file = OpenOptions::new()
@@ -35,67 +31,26 @@ pub fn open_fuse_device() -> Result<OwnedFd, FrontendError> {
     Ok(OwnedFd::from(file))
 }
 
-/// Makes sure `path` is a directory that can be mounted on: creates it (and its parents,
-/// 0755) when missing, and lazily unmounts a stale FUSE mount left there by a server that is
-/// gone (stat(2) on it fails with ENOTCONN).
-pub fn prepare_mount_point(path: &Path) -> Result<(), FrontendError> {
-    for _ in 0..MAX_STALE_MOUNTS {
-        match std::fs::metadata(path) {
-            Ok(meta) if meta.is_dir() => return Ok(()),
-            Ok(_) => {
-                return Err(FrontendError::NotADirectory {
-                    path: path.to_owned(),
-                })
-            }
-            Err(err) if err.raw_os_error() == Some(libc::ENOTCONN) => {
-                log::warn!(
-                    "{}: stale FUSE mount (its server is gone); unmounting it lazily",
-                    path.display()
-                );
-                unmount(path).map_err(|source| FrontendError::StaleMount {
-                    path: path.to_owned(),
-                    source,
-                })?;
-            }
-            Err(err) if err.kind() == io::ErrorKind::NotFound => {
-                DirBuilder::new()
-                    .recursive(true)
-                    .mode(0o755)
-                    .create(path)
-                    .map_err(|source| FrontendError::MountPoint {
-                        path: path.to_owned(),
-                        source,
-                    })?;
-                log::info!("created directory {}", path.display());
-                return Ok(());
-            }
-            Err(source) => {
-                return Err(FrontendError::MountPoint {
-                    path: path.to_owned(),
-                    source,
-                })
-            }
-        }
-    }
-    Err(FrontendError::StaleMount {
-        path: path.to_owned(),
-        source: Errno::ENOTCONN,
-    })
-}
+/// The root of a directory mount: `S_IFDIR`. `rootmode` is the root's mode only until the
+/// first GETATTR answers, which gives the directory its 0755.
+pub const DIRECTORY_ROOT: u32 = libc::S_IFDIR;
 
-/// The mount options for a connection on descriptor `fd`.
-pub fn mount_options(fd: BorrowedFd<'_>) -> String {
-    // rootmode is octal: 40000 = S_IFDIR. user_id/group_id name the mount's owner (root).
+/// The mount options for a connection on descriptor `fd` whose root has mode `root_mode`.
+/// rootmode is octal: 40000 is S_IFDIR, 100600 a regular file 0600 (a top-level device). The
+/// kernel refuses a mount whose root type differs from the mount point's (ENOTDIR), which is
+/// why a top-level device needs a regular file to mount on. user_id/group_id name the mount's
+/// owner (root).
+pub fn mount_options(fd: BorrowedFd<'_>, root_mode: u32) -> String {
     format!(
-        "fd={},rootmode=40000,user_id=0,group_id=0,allow_other,default_permissions",
+        "fd={},rootmode={root_mode:o},user_id=0,group_id=0,allow_other,default_permissions",
         fd.as_raw_fd()
     )
 }
 
-/// Mounts the FUSE connection open on `fd` at `path`. The kernel queues FUSE_INIT at once;
-/// syscalls on the mount wait until the session answers it.
-pub fn mount_fuse(fd: BorrowedFd<'_>, path: &Path) -> Result<(), FrontendError> {
-    let options = mount_options(fd);
+/// Mounts the FUSE connection open on `fd` at `path`, its root node of mode `root_mode`. The
+/// kernel queues FUSE_INIT at once; syscalls on the mount wait until the session answers it.
+pub fn mount_fuse(fd: BorrowedFd<'_>, path: &Path, root_mode: u32) -> Result<(), FrontendError> {
+    let options = mount_options(fd, root_mode);
     nix::mount::mount(
         Some(MOUNT_SOURCE),
         path,
