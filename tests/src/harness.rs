@@ -196,6 +196,7 @@ pub struct RigBuilder {
     guest_args: Vec<String>,
     host_args: Vec<String>,
     host_dir_args: Vec<(String, String)>,
+    guest_dir_args: Vec<(String, String)>,
     devices: Vec<String>,
 }
 
@@ -227,6 +228,16 @@ impl RigBuilder {
         self
     }
 
+    /// The same for `cusedev serve`: `.guest_dir_arg("--dev-root", "dev")` serves the nodes
+    /// under `<dir>/dev`, a device root of this rig's own. (Top-level nodes are files the
+    /// FUSE frontend makes at the device root; in the shared /dev, tests running at once
+    /// would make and remove each other's.)
+    pub fn guest_dir_arg(mut self, flag: &str, name: &str) -> RigBuilder {
+        self.guest_dir_args
+            .push((flag.to_string(), name.to_string()));
+        self
+    }
+
     /// [`RigBuilder::start`] returns once cusedev serves `device` (relative to /dev, as in
     /// the driver table: `"vmbus/hv_fcopy"`). Repeat for more devices.
     pub fn serves(mut self, device: &str) -> RigBuilder {
@@ -252,6 +263,7 @@ impl RigBuilder {
                 .arg("--frontend")
                 .arg(&self.frontend)
                 .args(&self.guest_args)
+                .args(dir_args(&dir, &self.guest_dir_args))
                 .env("RUST_LOG", "info"),
         );
         for device in &self.devices {
@@ -270,6 +282,7 @@ impl Rig {
             guest_args: Vec::new(),
             host_args: Vec::new(),
             host_dir_args: Vec::new(),
+            guest_dir_args: Vec::new(),
             devices: Vec::new(),
         }
     }

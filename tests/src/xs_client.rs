@@ -163,10 +163,11 @@ pub struct Holder {
 }
 
 impl Holder {
-    /// Starts `xs-client hold --delay-aware` (a 60 s request timeout) and waits for its
-    /// "calling" line.
-    pub fn start() -> Holder {
-        let args = ["hold", "--delay-aware"];
+    /// Starts `xs-client GLOBAL_ARGS hold --delay-aware` (a 60 s request timeout) and waits
+    /// for its "calling" line.
+    pub fn start(global_args: &[&str]) -> Holder {
+        let mut args = global_args.to_vec();
+        args.extend(["hold", "--delay-aware"]);
         let mut child = crate::spawn_isolated(&mut command(Bits::B64, &args))
             .unwrap_or_else(|e| panic!("cannot start xs-client hold: {e}"));
         let mut stdout = BufReader::new(child.stdout.take().expect("piped stdout"));

@@ -21,7 +21,7 @@ use cusedev_tests::dev::{Dev, Errno};
 use cusedev_tests::enter_private_mount_namespace;
 use cusedev_tests::harness::{write_pattern_file, Rig};
 use cusedev_tests::xs_client::{
-    assert_all_cases_pass, fds_and_threads, run, seconds_after, wait_for_counts, Bits, Holder,
+    assert_all_cases_pass, fds_and_threads, run, seconds_after, wait_for_counts, Bits, Holder, Run,
     BIG_FIT, REVIEWED, XS_DEVICE, XS_NODE,
 };
 
@@ -34,25 +34,69 @@ enum Profile {
 /// How long a call that should end at once may take to end.
 const ENDS: Duration = Duration::from_secs(30);
 
-/// fakehost with a blob root in the scratch directory, cusedev serving the node.
-fn rig(test: &str, profile: Profile) -> Rig {
+/// The rig of one test, with the node under a device root of its own (see
+/// `RigBuilder::guest_dir_arg`): fakehost with a blob root in the scratch directory, cusedev
+/// serving the node.
+struct Xs {
+    rig: Rig,
+    node: String,
+}
+
+impl std::ops::Deref for Xs {
+    type Target = Rig;
+    fn deref(&self) -> &Rig {
+        &self.rig
+    }
+}
+
+impl std::ops::DerefMut for Xs {
+    fn deref_mut(&mut self) -> &mut Rig {
+        &mut self.rig
+    }
+}
+
+impl Xs {
+    /// `xs-client --dev NODE ARGS` (64-bit).
+    fn client(&self, args: &[&str]) -> Run {
+        self.client_bits(Bits::B64, args)
+    }
+
+    fn client_bits(&self, bits: Bits, args: &[&str]) -> Run {
+        let mut all = vec!["--dev", self.node.as_str()];
+        all.extend_from_slice(args);
+        run(bits, &all)
+    }
+
+    fn holder(&self) -> Holder {
+        Holder::start(&["--dev", &self.node])
+    }
+
+    fn open(&self) -> Result<Dev, Errno> {
+        Dev::open(&self.node)
+    }
+}
+
+fn rig(test: &str, profile: Profile) -> Xs {
     enter_private_mount_namespace().expect("private mount namespace");
     start_rig(test, profile)
 }
 
-fn start_rig(test: &str, profile: Profile) -> Rig {
+fn start_rig(test: &str, profile: Profile) -> Xs {
     let builder = Rig::builder(test)
         .host_dir_arg("--blob-root", "blobs")
+        .guest_dir_arg("--dev-root", "dev")
         .serves(XS_DEVICE);
-    match profile {
+    let rig = match profile {
         Profile::Posted => builder,
         Profile::Reviewed => builder.guest_args(&["--profile", REVIEWED]),
     }
-    .start()
+    .start();
+    let node = rig.dir.join("dev").join(XS_DEVICE).display().to_string();
+    Xs { rig, node }
 }
 
 /// `fakehost ARGS` against the rig's host; must succeed.
-fn fakehost_ok(rig: &Rig, args: &[&str]) -> String {
+fn fakehost_ok(rig: &Xs, args: &[&str]) -> String {
     let out = rig.fakehost(args);
     assert!(
         out.status.success(),
@@ -61,10 +105,6 @@ fn fakehost_ok(rig: &Rig, args: &[&str]) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn client(args: &[&str]) -> cusedev_tests::xs_client::Run {
-    run(Bits::B64, args)
 }
 
 /// Cases whose absence from a run means the list itself lost them.
@@ -87,8 +127,8 @@ const CORE_CASES: [&str; 12] = [
 
 /// The client's case list for `profile`, with the cases that tell the profiles apart.
 fn errno_paths_hold(test: &str, profile: Profile, name: &str, distinct: [&str; 2]) {
-    let _rig = rig(test, profile);
-    let run = client(&["errno", "--profile", name]);
+    let rig = rig(test, profile);
+    let run = rig.client(&["errno", "--profile", name]);
     assert_all_cases_pass(&run, 40, &CORE_CASES);
     assert_all_cases_pass(&run, 40, &distinct);
 }
@@ -127,7 +167,7 @@ fn every_ioctl_from_a_32_bit_process_is_enotty_in_both_profiles() {
         (Profile::Reviewed, "xs-compat-reviewed"),
     ] {
         let rig = start_rig(name, profile);
-        let run = run(Bits::B32, &["errno32"]);
+        let run = rig.client_bits(Bits::B32, &["errno32"]);
         assert_all_cases_pass(
             &run,
             7,
@@ -145,17 +185,17 @@ fn every_ioctl_from_a_32_bit_process_is_enotty_in_both_profiles() {
 
 #[test]
 fn sixty_four_threads_of_mixed_requests_match_the_clients_model() {
-    let _rig = rig("xs-load", Profile::Posted);
-    let run = client(&["load", "--threads", "64", "--ops", "1000", "--seed", "7"]);
+    let rig = rig("xs-load", Profile::Posted);
+    let run = rig.client(&["load", "--threads", "64", "--ops", "1000", "--seed", "7"]);
     run.assert_success("load");
     assert!(run.stdout.contains("mismatches 0"), "{}", run.text());
 }
 
 #[test]
 fn a_32_mib_class_blob_goes_through_one_call_each_way() {
-    let _rig = rig("xs-big", Profile::Posted);
+    let rig = rig("xs-big", Profile::Posted);
     let bytes = BIG_FIT.to_string();
-    let run = client(&["big", "--bytes", &bytes]);
+    let run = rig.client(&["big", "--bytes", &bytes]);
     run.assert_success("big");
     assert!(run.stdout.contains(", equal"), "{}", run.text());
 }
@@ -166,7 +206,8 @@ fn blobs_put_through_the_device_are_what_fakehost_stores_and_back() {
     let sent = rig.dir.join("sent.bin");
     write_pattern_file(&sent, 300_000, 5);
     let sent_path = sent.to_str().unwrap();
-    client(&["put", "interop/from-client", sent_path]).assert_success("client put");
+    rig.client(&["put", "interop/from-client", sent_path])
+        .assert_success("client put");
     let seen = rig.dir.join("seen-by-fakehost.bin");
     fakehost_ok(
         &rig,
@@ -195,14 +236,15 @@ fn blobs_put_through_the_device_are_what_fakehost_stores_and_back() {
         ],
     );
     let got = rig.dir.join("got-by-client.bin");
-    client(&["get", "interop/from-host", got.to_str().unwrap()]).assert_success("client get");
+    rig.client(&["get", "interop/from-host", got.to_str().unwrap()])
+        .assert_success("client get");
     assert_eq!(
         std::fs::read(&got).unwrap(),
         std::fs::read(&stored).unwrap(),
         "the client got other bytes than fakehost stored"
     );
 
-    let listed = client(&["ls", "interop"]);
+    let listed = rig.client(&["ls", "interop"]);
     listed.assert_success("client ls");
     assert_eq!(
         listed.stdout,
@@ -210,7 +252,8 @@ fn blobs_put_through_the_device_are_what_fakehost_stores_and_back() {
         "{}",
         listed.text()
     );
-    client(&["rm", "interop/from-client"]).assert_success("client rm");
+    rig.client(&["rm", "interop/from-client"])
+        .assert_success("client rm");
     let host_list = fakehost_ok(&rig, &["blobs", "ls"]);
     assert!(
         !host_list.contains("interop/from-client") && host_list.contains("interop/from-host"),
@@ -224,7 +267,7 @@ fn blobs_put_through_the_device_are_what_fakehost_stores_and_back() {
 fn host_status_reaches_the_caller_as_ret_0_with_the_status_word() {
     let rig = rig("xs-fail-status", Profile::Posted);
     fakehost_ok(&rig, &["xs", "--fail-status", "5"]);
-    let run = client(&["stat", "anything"]);
+    let run = rig.client(&["stat", "anything"]);
     assert_eq!(run.code, Some(1), "{}", run.text());
     assert!(
         run.stderr.contains("ret 0 status 5 (STORE_ERROR)"),
@@ -232,7 +275,7 @@ fn host_status_reaches_the_caller_as_ret_0_with_the_status_word() {
         run.text()
     );
     fakehost_ok(&rig, &["xs", "--normal"]);
-    let run = client(&["stat", "anything"]);
+    let run = rig.client(&["stat", "anything"]);
     assert!(
         run.stderr.contains("ret 0 status 2 (NOT_FOUND)"),
         "{}",
@@ -244,7 +287,7 @@ fn host_status_reaches_the_caller_as_ret_0_with_the_status_word() {
 fn host_delay_is_seen_by_the_caller() {
     let rig = rig("xs-delay", Profile::Posted);
     fakehost_ok(&rig, &["xs", "--delay", "200ms"]);
-    let (line, code) = Holder::start().finish(ENDS);
+    let (line, code) = rig.holder().finish(ENDS);
     assert_eq!(code, Some(0), "{line}");
     assert!(line.contains("ret 0 status 2 (NOT_FOUND)"), "{line}");
     let seconds = seconds_after(&line);
@@ -258,7 +301,7 @@ fn host_delay_is_seen_by_the_caller() {
 fn dropped_response_is_etimedout_after_timeout_plus_5_s_with_reviewed() {
     let rig = rig("xs-drop-reviewed", Profile::Reviewed);
     fakehost_ok(&rig, &["xs", "--drop-responses"]);
-    let run = client(&["--timeout", "1", "hold"]);
+    let run = rig.client(&["--timeout", "1", "hold"]);
     let line = run.stdout.lines().last().unwrap_or_default().to_string();
     assert!(line.contains("errno ETIMEDOUT"), "{}", run.text());
     let seconds = seconds_after(&line);
@@ -268,7 +311,8 @@ fn dropped_response_is_etimedout_after_timeout_plus_5_s_with_reviewed() {
     );
     // The driver is fine afterwards.
     fakehost_ok(&rig, &["xs", "--normal"]);
-    assert!(client(&["stat", "x"])
+    assert!(rig
+        .client(&["stat", "x"])
         .stderr
         .contains("ret 0 status 2 (NOT_FOUND)"));
 }
@@ -277,9 +321,9 @@ fn dropped_response_is_etimedout_after_timeout_plus_5_s_with_reviewed() {
 fn dropped_response_leaves_the_posted_caller_in_the_ioctl_even_killed_until_cusedev_stops() {
     let mut rig = rig("xs-drop-posted", Profile::Posted);
     fakehost_ok(&rig, &["xs", "--drop-responses"]);
-    let waiting = Holder::start();
+    let waiting = rig.holder();
     waiting.wait_in_ioctl();
-    let mut killed = Holder::start();
+    let mut killed = rig.holder();
     killed.wait_in_ioctl();
     killed.kill();
     // The kernel's FUSE code waits out a request the server has read: 'D', still in ioctl.
@@ -291,7 +335,7 @@ fn dropped_response_leaves_the_posted_caller_in_the_ioctl_even_killed_until_cuse
 
     // The host answers again; a new request completes; the dropped ones stay dropped.
     fakehost_ok(&rig, &["xs", "--normal"]);
-    let run = client(&["stat", "later"]);
+    let run = rig.client(&["stat", "later"]);
     assert!(
         run.stderr.contains("ret 0 status 2 (NOT_FOUND)"),
         "{}",
@@ -315,19 +359,19 @@ fn dropped_response_leaves_the_posted_caller_in_the_ioctl_even_killed_until_cuse
 fn killed_client_leaves_cusedev_healthy(test: &str, profile: Profile) {
     let rig = rig(test, profile);
     let load = ["load", "--threads", "8", "--ops", "40"];
-    client(&load).assert_success("warm-up load");
+    rig.client(&load).assert_success("warm-up load");
     let cusedev = rig.guest.pid();
     let baseline = fds_and_threads(cusedev);
 
     fakehost_ok(&rig, &["xs", "--delay", "2s"]);
-    let mut holder = Holder::start();
+    let mut holder = rig.holder();
     holder.wait_in_ioctl();
     holder.kill();
     // The process ends once its request is answered or abandoned by cusedev.
     holder.finish(ENDS);
 
     fakehost_ok(&rig, &["xs", "--normal"]);
-    let run = client(&load);
+    let run = rig.client(&load);
     run.assert_success("load after the kill");
     assert!(run.stdout.contains("mismatches 0"), "{}", run.text());
     wait_for_counts(cusedev, baseline, ENDS);
@@ -346,11 +390,11 @@ fn client_killed_mid_request_leaves_cusedev_healthy_and_at_baseline_with_reviewe
 // ---------------------------------------------------------------- rescind
 
 /// `fakehost rescind xs`, then waits until a new open says ENODEV (the driver's `removing`).
-fn rescind_and_wait_for_enodev(rig: &Rig) {
+fn rescind_and_wait_for_enodev(rig: &Xs) {
     fakehost_ok(rig, &["rescind", "xs"]);
     let deadline = std::time::Instant::now() + ENDS;
     loop {
-        match Dev::open(XS_NODE) {
+        match rig.open() {
             Err(Errno::ENODEV) => return,
             other => {
                 assert!(
@@ -385,28 +429,28 @@ fn ioctl_zeroed(dev: &Dev) -> Result<i32, Errno> {
 #[test]
 fn rescind_with_an_open_file_keeps_the_node_until_the_last_close_with_posted() {
     let rig = rig("xs-rescind-open", Profile::Posted);
-    let dev = Dev::open(XS_NODE).expect("open");
+    let dev = rig.open().expect("open");
     let mark = rig.guest.log_mark();
     rescind_and_wait_for_enodev(&rig);
     assert!(
-        std::fs::metadata(XS_NODE).is_ok(),
+        std::fs::metadata(&rig.node).is_ok(),
         "the node went while a file is open"
     );
     assert_eq!(ioctl_zeroed(&dev), Err(Errno::ENODEV), "§3.2 #1: removing");
     assert!(!rig.guest.log_contains(&removed_line()));
     drop(dev);
     rig.guest.wait_for_log_from(mark, &removed_line());
-    assert_eq!(Dev::open(XS_NODE).err(), Some(Errno::ENOENT));
+    assert_eq!(rig.open().err(), Some(Errno::ENOENT));
 }
 
 #[test]
 fn rescind_with_a_call_in_flight_leaves_it_waiting_and_keeps_the_node_with_posted() {
     let mut rig = rig("xs-rescind-posted", Profile::Posted);
     fakehost_ok(&rig, &["xs", "--drop-responses"]);
-    let holder = Holder::start();
+    let holder = rig.holder();
     holder.wait_in_ioctl();
     rescind_and_wait_for_enodev(&rig);
-    assert!(std::fs::metadata(XS_NODE).is_ok(), "the node went");
+    assert!(std::fs::metadata(&rig.node).is_ok(), "the node went");
     assert!(holder.in_ioctl(), "the rescind ended the posted call");
     assert!(!rig.guest.log_contains(&removed_line()));
     rig.guest.kill();
@@ -418,8 +462,8 @@ fn rescind_with_a_call_in_flight_leaves_it_waiting_and_keeps_the_node_with_poste
 fn rescind_with_a_call_in_flight_ends_it_with_enodev_and_removes_the_node_at_once_with_reviewed() {
     let rig = rig("xs-rescind-reviewed", Profile::Reviewed);
     fakehost_ok(&rig, &["xs", "--drop-responses"]);
-    let dev = Dev::open(XS_NODE).expect("open");
-    let holder = Holder::start();
+    let dev = rig.open().expect("open");
+    let holder = rig.holder();
     holder.wait_in_ioctl();
     let mark = rig.guest.log_mark();
     fakehost_ok(&rig, &["rescind", "xs"]);
@@ -428,6 +472,6 @@ fn rescind_with_a_call_in_flight_ends_it_with_enodev_and_removes_the_node_at_onc
     assert_eq!(code, Some(1));
     // Our file is still open, and the node goes all the same.
     rig.guest.wait_for_log_from(mark, &removed_line());
-    assert_eq!(Dev::open(XS_NODE).err(), Some(Errno::ENOENT));
+    assert_eq!(rig.open().err(), Some(Errno::ENOENT));
     drop(dev);
 }
