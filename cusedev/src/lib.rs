@@ -9,6 +9,7 @@
 //! the whole reading order.
 
 pub mod bus;
+pub mod caller;
 pub mod cuse;
 pub mod device;
 pub mod devices;
