@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 pub use nix::errno::Errno;
 
-pub use crate::caller::Caller;
+pub use crate::caller::{Caller, CredentialIdentity};
 pub use crate::reply::{Parked, Pending, WaitList};
 
 /// Identifies one open file of a device (the driver's `struct file *`).

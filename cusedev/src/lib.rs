@@ -10,6 +10,8 @@
 
 pub mod bus;
 pub mod caller;
+#[cfg(test)]
+mod caller_tests;
 pub mod cuse;
 pub mod device;
 pub mod devices;
