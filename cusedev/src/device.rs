@@ -14,8 +14,8 @@ use std::sync::Arc;
 
 pub use nix::errno::Errno;
 
+pub use crate::caller::{Caller, CredentialIdentity};
 pub use crate::reply::{Parked, Pending, WaitList};
-use crate::wait::Interrupt;
 
 /// Identifies one open file of a device (the driver's `struct file *`).
 pub type Handle = u64;
@@ -32,33 +32,6 @@ pub mod poll_bits {
     /// What `vfs_poll` reports for a file whose driver has no `.poll`
     /// (`DEFAULT_POLLMASK`, include/linux/poll.h).
     pub const DEFAULT_POLLMASK: u32 = POLLIN | POLLOUT | POLLRDNORM | POLLWRNORM;
-}
-
-/// The process a request came from, as the kernel put it in the request header.
-///
-/// The pid is the one the kernel wrote into the FUSE/CUSE request, never a value taken from
-/// user data: anything that touches the caller's memory or descriptors must go through it.
-#[derive(Debug, Clone)]
-pub struct Caller {
-    /// The kernel's `current->pid`: the id of the calling *thread* (equal to the process id
-    /// for a single-threaded daemon). Valid for `process_vm_readv` and `/proc/<pid>`.
-    pub pid: u32,
-    pub uid: u32,
-    pub gid: u32,
-    /// Fired when the kernel sends FUSE_INTERRUPT for this request (the caller got a signal).
-    pub interrupt: Interrupt,
-}
-
-impl Caller {
-    /// A caller for unit tests and internal calls that can never be interrupted from outside.
-    pub fn detached(pid: u32) -> Caller {
-        Caller {
-            pid,
-            uid: 0,
-            gid: 0,
-            interrupt: Interrupt::new(),
-        }
-    }
 }
 
 /// Something a frontend can poke when a device's poll readiness may have changed.

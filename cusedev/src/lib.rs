@@ -9,6 +9,9 @@
 //! the whole reading order.
 
 pub mod bus;
+pub mod caller;
+#[cfg(test)]
+mod caller_tests;
 pub mod cuse;
 pub mod device;
 pub mod devices;
