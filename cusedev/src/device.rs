@@ -89,6 +89,10 @@ pub struct IoctlCall<'a> {
     pub out_size: u32,
     /// Whether the driver may ask for any caller buffers with [`IoctlOutcome::Retry`].
     pub unrestricted: bool,
+    /// A 32-bit caller on a 64-bit kernel (FUSE_IOCTL_COMPAT): the kernel would call the
+    /// driver's `.compat_ioctl`, and a driver without one gives ENOTTY (fs/ioctl.c,
+    /// `compat_sys_ioctl`).
+    pub compat: bool,
 }
 
 /// The answer to an ioctl: the return value of the syscall and bytes to copy back to the

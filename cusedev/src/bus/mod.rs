@@ -4,4 +4,5 @@
 pub mod channel;
 pub mod client;
 pub mod frame_io;
+pub mod requestor;
 pub mod socket;

@@ -11,18 +11,30 @@ pub mod delayed_work;
 pub mod fcopy;
 pub mod hv_util;
 pub mod hvutil_transport;
+pub mod xs_fastpath;
 
 use vmbus::guid::Guid;
 
 use crate::table::{BusClass, DriverRow};
 
 /// Every device cusedev can serve: the kernel's `util_id_table` and `misc_register()` calls.
-pub static DRIVER_TABLE: &[DriverRow] = &[DriverRow {
-    name: "fcopy",
-    node: fcopy::DEVICE_NAME,
-    about: "Hyper-V file copy (Copy-VMFile on the host), served to hv_fcopy_daemon",
-    class: BusClass::Vmbus(Guid::FCOPY),
-    ring_bytes: hv_util::UTIL_RING_BYTES,
-    profiles: hv_util::KERNEL_PROFILES,
-    probe: fcopy::probe,
-}];
+pub static DRIVER_TABLE: &[DriverRow] = &[
+    DriverRow {
+        name: "fcopy",
+        node: fcopy::DEVICE_NAME,
+        about: "Hyper-V file copy (Copy-VMFile on the host), served to hv_fcopy_daemon",
+        class: BusClass::Vmbus(Guid::FCOPY),
+        ring_bytes: hv_util::UTIL_RING_BYTES,
+        profiles: hv_util::KERNEL_PROFILES,
+        probe: fcopy::probe,
+    },
+    DriverRow {
+        name: "xs_fastpath",
+        node: xs_fastpath::DEVICE_NAME,
+        about: "Azure XStore fastpath (the 2021 patch's blob ioctl), answered by a fake XStore",
+        class: BusClass::Vmbus(Guid::XS_FASTPATH),
+        ring_bytes: vmbus::xs_fastpath::RING_BYTES,
+        profiles: xs_fastpath::PROFILES,
+        probe: xs_fastpath::probe,
+    },
+];

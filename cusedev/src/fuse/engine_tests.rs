@@ -569,8 +569,10 @@ fn ten_thousand_sleeping_reads_cost_no_threads_and_a_write_wakes_them_all() {
     // Readers are added only while every one of them is busy reading or serving, never for a
     // sleeper: what the flood of READs cost is bounded by the cap, as one sleeper's is.
     let threads_for_all = kernel.session.reader_threads();
+    // INIT, OPEN and the READ may each be read by the last idle reader, which starts one
+    // more: up to four readers for one sleeper, depending on how fast each answer went out.
     assert!(
-        threads_for_one <= 2,
+        threads_for_one <= 4,
         "{threads_for_one} readers for one sleeper"
     );
     assert!(

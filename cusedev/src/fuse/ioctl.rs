@@ -25,6 +25,7 @@ pub fn call<'a>(ioctl_in: &IoctlIn, input: &'a [u8]) -> IoctlCall<'a> {
         input,
         out_size: ioctl_in.out_size,
         unrestricted: ioctl_in.flags & ioctl_flags::UNRESTRICTED != 0,
+        compat: ioctl_in.flags & ioctl_flags::COMPAT != 0,
     }
 }
 

@@ -271,6 +271,7 @@ mod tests {
             input: &[],
             out_size: 0,
             unrestricted: true,
+            compat: false,
         }
     }
 
