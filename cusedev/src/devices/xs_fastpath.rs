@@ -846,38 +846,5 @@ impl ChannelDriver for XsFastpath {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn pinned_pages_follow_the_patchs_offsets() {
-        let mut pages = PinnedPages::default();
-        // data: 2 pages from 0x10_0800 (offset 0x800, 6000 bytes -> 0x800 + 6000 < 8192)
-        assert_eq!(pages.push(0x10_0800, 6000), 0x800);
-        // request: 100 bytes at 0x20_0010 -> after 2 data pages
-        assert_eq!(pages.push(0x20_0010, 100), 2 * 4096 + 0x10);
-        // response: 4096 bytes at 0x30_0ff0 -> 2 pages, after 3
-        assert_eq!(pages.push(0x30_0ff0, 4096), 3 * 4096 + 0xff0);
-        assert_eq!(pages.pages(), 5);
-        assert_eq!(pages.pfns(), vec![0x100, 0x101, 0x200, 0x300, 0x301]);
-        // The request's bytes, as the host addresses them.
-        assert_eq!(
-            pages.resolve(2 * 4096 + 0x10, 100),
-            Ok(vec![(0x20_0010, 100)])
-        );
-        // A read across the request/response boundary splits.
-        assert_eq!(
-            pages.resolve(3 * 4096 - 4, 8),
-            Ok(vec![(0x20_0ffc, 4), (0x30_0000, 4)])
-        );
-        assert_eq!(pages.resolve(5 * 4096 - 1, 2), Err(Errno::EINVAL));
-        assert_eq!(pages.resolve(u64::MAX, 2), Err(Errno::EINVAL));
-    }
-
-    #[test]
-    fn access_ok_is_the_x86_64_user_limit() {
-        assert!(access_ok(0x1000, 64));
-        assert!(!access_ok(crate::caller::TASK_SIZE_MAX - 63, 64));
-        assert!(!access_ok(u64::MAX - 10, 64));
-    }
-}
+#[path = "xs_fastpath_tests.rs"]
+mod tests;
