@@ -525,3 +525,295 @@ fn blobs_round_trip_through_azurite() {
 
     round_trip(&dir.0, &url);
 }
+
+// ---------------------------------------------------------------------------------------------
+// A guest on the real bus socket
+
+mod guest {
+    //! A scripted xs_fastpath guest over `fakehost serve`'s bus socket: it opens the xs
+    //! channel as the bus client does, then any number of threads make calls at once. One
+    //! pump thread reads the channel: it answers READs from the calls' pages, applies WRITEs
+    //! and hands each completion to the thread that waits for it.
+
+    use std::collections::HashMap;
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream;
+    use std::path::Path;
+    use std::sync::{mpsc, Arc, Mutex};
+
+    use vmbus::channel_msg::{ChannelMessage, VERSION_WIN10_V5_3};
+    use vmbus::guest_memory::{header, op, MemoryMessage, MAX_CHUNK};
+    use vmbus::guid::Guid;
+    use vmbus::packet::{packet_type, parse_packet};
+    use vmbus::stream::{encode_frame, kind, FrameHeader, Hello, FRAME_HEADER_LEN};
+    use vmbus::xs_fastpath::xstore::Request;
+    use vmbus::xs_fastpath::{encode_request_packet, VspRequest, VspResponse, OP_USER_REQUEST};
+    use zerocopy::little_endian::U32;
+    use zerocopy::IntoBytes;
+
+    const PAGE: usize = 4096;
+
+    fn read_frame(mut stream: &UnixStream) -> Option<(u16, Vec<u8>)> {
+        let mut head = [0u8; FRAME_HEADER_LEN];
+        stream.read_exact(&mut head).ok()?;
+        let head = FrameHeader::parse(&head).unwrap();
+        let mut body = vec![0u8; head.len as usize];
+        stream.read_exact(&mut body).ok()?;
+        Some((head.kind, body))
+    }
+
+    fn control(stream: &UnixStream, msg: &ChannelMessage) -> ChannelMessage {
+        (&*stream)
+            .write_all(&encode_frame(kind::CONTROL, &msg.encode()))
+            .unwrap();
+        let (k, body) = read_frame(stream).expect("control stream closed");
+        assert_eq!(k, kind::CONTROL);
+        ChannelMessage::parse(&body).unwrap()
+    }
+
+    /// One call's pages: data (from page 0), then one request page, then one response page.
+    struct Pages {
+        mem: Vec<u8>,
+        done: mpsc::Sender<(VspResponse, Vec<u8>)>,
+    }
+
+    /// What a finished call left: the completion and its pages.
+    pub struct Done {
+        pub response: VspResponse,
+        pub mem: Vec<u8>,
+        pub data_len: usize,
+    }
+
+    impl Done {
+        /// The response buffer.
+        pub fn response_buffer(&self) -> &[u8] {
+            let pages = self.data_len.div_ceil(PAGE);
+            &self.mem[(pages + 1) * PAGE..(pages + 2) * PAGE]
+        }
+    }
+
+    pub struct Guest {
+        _control: UnixStream,
+        writer: Arc<Mutex<UnixStream>>,
+        calls: Arc<Mutex<HashMap<u64, Pages>>>,
+    }
+
+    fn send(writer: &Mutex<UnixStream>, kind: u16, parts: &[&[u8]]) {
+        let len: usize = parts.iter().map(|p| p.len()).sum();
+        let mut frame = FrameHeader {
+            len: len as u32,
+            kind,
+        }
+        .encode()
+        .to_vec();
+        for part in parts {
+            frame.extend_from_slice(part);
+        }
+        let stream = writer.lock().unwrap();
+        let _ = (&*stream).write_all(&frame);
+    }
+
+    impl Guest {
+        /// Connects, takes the xs offer, opens its channel and starts the pump.
+        pub fn open(bus: &Path) -> Guest {
+            let control_stream = UnixStream::connect(bus).unwrap();
+            (&control_stream)
+                .write_all(&encode_frame(kind::HELLO, &Hello::control().encode()))
+                .unwrap();
+            let version = VERSION_WIN10_V5_3;
+            assert!(matches!(
+                control(
+                    &control_stream,
+                    &ChannelMessage::InitiateContact { version }
+                ),
+                ChannelMessage::VersionResponse {
+                    supported: true,
+                    ..
+                }
+            ));
+            let relid = match control(&control_stream, &ChannelMessage::RequestOffers) {
+                ChannelMessage::Offer {
+                    if_type,
+                    child_relid,
+                    ..
+                } => {
+                    assert_eq!(if_type, Guid::XS_FASTPATH);
+                    child_relid
+                }
+                other => panic!("expected the xs offer, got {other:?}"),
+            };
+            let (k, body) = read_frame(&control_stream).unwrap();
+            assert_eq!(k, kind::CONTROL);
+            assert_eq!(
+                ChannelMessage::parse(&body).unwrap(),
+                ChannelMessage::AllOffersDelivered
+            );
+            let open = ChannelMessage::OpenChannel {
+                child_relid: relid,
+                open_id: 1,
+            };
+            assert!(matches!(
+                control(&control_stream, &open),
+                ChannelMessage::OpenResult { status: 0, .. }
+            ));
+            let channel = UnixStream::connect(bus).unwrap();
+            (&channel)
+                .write_all(&encode_frame(
+                    kind::HELLO,
+                    &Hello::channel(relid, 1).encode(),
+                ))
+                .unwrap();
+            let writer = Arc::new(Mutex::new(channel.try_clone().unwrap()));
+            let calls: Arc<Mutex<HashMap<u64, Pages>>> = Arc::default();
+            let (pump_writer, pump_calls) = (Arc::clone(&writer), Arc::clone(&calls));
+            std::thread::spawn(move || pump(&channel, &pump_writer, &pump_calls));
+            Guest {
+                _control: control_stream,
+                writer,
+                calls,
+            }
+        }
+
+        /// One call, as the driver makes it; blocks until its completion.
+        pub fn call(&self, trans_id: u64, request: &Request, data: &[u8], data_len: usize) -> Done {
+            let data_pages = data_len.div_ceil(PAGE);
+            let mut mem = vec![0u8; (data_pages + 2) * PAGE];
+            mem[..data.len()].copy_from_slice(data);
+            let bytes = request.encode();
+            let req_off = data_pages * PAGE;
+            mem[req_off..req_off + bytes.len()].copy_from_slice(&bytes);
+            let vsp = VspRequest {
+                version: U32::new(0),
+                timeout_ms: U32::new(0),
+                data_buffer_offset: U32::new(0),
+                data_buffer_length: U32::new(data_len as u32),
+                data_buffer_valid: U32::new(u32::from(data_len > 0)),
+                operation_type: U32::new(OP_USER_REQUEST),
+                request_buffer_offset: U32::new(req_off as u32),
+                request_buffer_length: U32::new(bytes.len() as u32),
+                response_buffer_offset: U32::new((req_off + PAGE) as u32),
+                response_buffer_length: U32::new(PAGE as u32),
+                transaction_id: Guid([0; 16]),
+            };
+            let pfns: Vec<u64> = (0..(data_pages + 2) as u64).collect();
+            let packet = encode_request_packet(trans_id, &pfns, &vsp).unwrap();
+            let (done, finished) = mpsc::channel();
+            self.calls
+                .lock()
+                .unwrap()
+                .insert(trans_id, Pages { mem, done });
+            send(&self.writer, kind::PACKET, &[&packet]);
+            let (response, mem) = finished
+                .recv()
+                .expect("the channel ended before the answer");
+            Done {
+                response,
+                mem,
+                data_len,
+            }
+        }
+    }
+
+    fn pump(channel: &UnixStream, writer: &Mutex<UnixStream>, calls: &Mutex<HashMap<u64, Pages>>) {
+        while let Some((k, body)) = read_frame(channel) {
+            if k == kind::PACKET {
+                let packet = parse_packet(&body).unwrap();
+                assert_eq!(packet.ty, packet_type::COMP);
+                let call = calls.lock().unwrap().remove(&packet.trans_id);
+                let call = call.expect("a completion for a call in flight");
+                let _ = call
+                    .done
+                    .send((VspResponse::read_lenient(packet.payload), call.mem));
+                continue;
+            }
+            assert_eq!(k, kind::MEMORY);
+            match MemoryMessage::parse(&body).unwrap() {
+                MemoryMessage::Read {
+                    trans_id,
+                    offset,
+                    len,
+                } => {
+                    let bytes = {
+                        let calls = calls.lock().unwrap();
+                        let mem = &calls[&trans_id].mem;
+                        mem[offset as usize..offset as usize + len as usize].to_vec()
+                    };
+                    for (i, chunk) in bytes.chunks(MAX_CHUNK).enumerate() {
+                        let at = offset + (i * MAX_CHUNK) as u64;
+                        let head = header(op::DATA, 0, trans_id, at, chunk.len() as u32);
+                        send(writer, kind::MEMORY, &[head.as_bytes(), chunk]);
+                    }
+                }
+                MemoryMessage::Write {
+                    trans_id,
+                    offset,
+                    bytes,
+                } => {
+                    let mut calls = calls.lock().unwrap();
+                    let mem = &mut calls.get_mut(&trans_id).unwrap().mem;
+                    mem[offset as usize..offset as usize + bytes.len()].copy_from_slice(bytes);
+                }
+                other => panic!("the host sent {other:?}"),
+            }
+        }
+    }
+}
+
+#[test]
+fn sixty_four_guest_threads_put_and_get_over_the_bus_and_the_cli_sees_their_blobs() {
+    use vmbus::xs_fastpath::xstore::{parse_response_header, Op, Request, Status};
+
+    let dir = TempDir::new("bus");
+    let root = dir.0.join("blobs");
+    let _host = serve(&dir.0, &["--blob-root", root.to_str().unwrap()]);
+    let guest = std::sync::Arc::new(guest::Guest::open(&dir.0.join("bus.sock")));
+    let contents = |i: u64| pattern(((i as usize) * 37_000) % (3 << 20) + 1, i as u8);
+    let threads: Vec<_> = (1..=64u64)
+        .map(|i| {
+            let guest = std::sync::Arc::clone(&guest);
+            std::thread::spawn(move || {
+                let name = format!("guest/{i:02}");
+                let data = contents(i);
+                let put = Request {
+                    op: Op::PUT,
+                    offset: 0,
+                    length: data.len() as u64,
+                    name: name.clone(),
+                };
+                let done = guest.call(i, &put, &data, data.len());
+                assert_eq!(Status(done.response.error.get()), Status::OK, "PUT {name}");
+                let get = Request {
+                    op: Op::GET,
+                    offset: 0,
+                    length: data.len() as u64,
+                    name,
+                };
+                // The same id again: the driver reuses ids once a call completed.
+                let done = guest.call(i, &get, &[], data.len());
+                assert_eq!(Status(done.response.error.get()), Status::OK);
+                let header = parse_response_header(done.response_buffer()).unwrap();
+                assert_eq!(header.count.get(), data.len() as u64);
+                assert!(
+                    done.mem[..data.len()] == data[..],
+                    "GET {i} brought other bytes"
+                );
+            })
+        })
+        .collect();
+    for thread in threads {
+        thread.join().unwrap();
+    }
+
+    let ls = cli(&dir.0, &["blobs", "ls", "guest/"]);
+    assert_eq!(text(&ls.stdout).lines().count(), 64);
+    let get = cli(&dir.0, &["blobs", "get", "guest/17", "-"]);
+    assert!(
+        get.stdout == contents(17),
+        "the CLI sees other bytes than the guest stored"
+    );
+    let status = text(&cli(&dir.0, &["status"]).stdout);
+    assert!(
+        status.contains("128 served, 0 failed, 0 in flight"),
+        "{status}"
+    );
+}
