@@ -297,6 +297,30 @@ fn bad_blob_store_url_refuses_to_start_with_the_reason() {
     assert!(!dir.0.join("ctl.sock").exists());
 }
 
+#[test]
+fn an_unreachable_store_is_logged_at_startup_shown_in_status_and_fails_commands() {
+    let dir = TempDir::new("unreachable");
+    // A port nothing listens on (bound, then closed).
+    let port = free_port();
+    let url =
+        format!("azure://devstoreaccount1/c?endpoint=http://127.0.0.1:{port}/devstoreaccount1");
+    let mut host = serve(&dir.0, &["--blob-store", &url]);
+    let line = host.wait_for("xs: blob store");
+    assert!(line.contains("does not answer"), "{line}");
+    let status = text(&cli(&dir.0, &["status"]).stdout);
+    assert!(
+        status.contains(&format!("store {url} (failing: ")),
+        "{status}"
+    );
+    let ls = cli(&dir.0, &["blobs", "ls"]);
+    assert_eq!(ls.status.code(), Some(1));
+    assert!(
+        text(&ls.stderr).starts_with(&format!("fakehost blobs ls: the blob store {url} failed: ")),
+        "{}",
+        text(&ls.stderr)
+    );
+}
+
 /// Waits until `check` holds, looking again every few milliseconds (a condition polled, not
 /// a guessed sleep).
 fn poll_until(what: &str, mut check: impl FnMut() -> bool) {
