@@ -7,9 +7,11 @@ RELEASE    := target/release
 
 all: build
 
-## deps: Debian packages the end-to-end paths need (the real daemon, sha256sum, unshare).
+## deps: Debian packages the end-to-end paths need (the real daemon, sha256sum, unshare), and
+## Azurite (npm, into build/node) for fakehost's blob store tests.
 deps:
 	@tests/scripts/install-deps.sh
+	@fakehost/scripts/install-azurite.sh --apt
 
 build:
 	$(CARGO) build --workspace --bins

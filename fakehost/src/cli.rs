@@ -15,6 +15,18 @@ pub fn os_reason(e: &std::io::Error) -> String {
     }
 }
 
+/// A service's subcommands out of the whole command line's matches: `None` if the chosen
+/// subcommand is not one of `T`'s (another row's); a clap error exits as clap does.
+pub fn subcommand<T: clap::Subcommand + clap::FromArgMatches>(
+    matches: &clap::ArgMatches,
+) -> Option<T> {
+    let (name, _) = matches.subcommand()?;
+    if !T::has_subcommand(name) {
+        return None;
+    }
+    Some(T::from_arg_matches(matches).unwrap_or_else(|e| e.exit()))
+}
+
 /// Prints `fakehost COMMAND: MESSAGE` on stderr; exit status 2.
 pub fn usage_error(command: &str, message: impl std::fmt::Display) -> ExitCode {
     eprintln!("fakehost {command}: {message}");

@@ -12,6 +12,8 @@
 //! * [`ic`] is what every Hyper-V util service shares: IC version negotiation and replies.
 //! * [`fcopy`] is the fcopy host service: negotiate, START_FILE_COPY, WRITE_TO_FILE fragments,
 //!   COMPLETE_FCOPY or CANCEL_FCOPY, one transaction at a time; and its `fakehost copy`.
+//! * [`xs`] is the XStore fastpath host: GPA-direct requests served from a blob store
+//!   (`object_store`: a local directory, Azure, S3), with `fakehost xs` and `fakehost blobs`.
 //! * [`control`] is the JSON-lines control socket the `fakehost` CLI talks to; [`cli`] and
 //!   [`progress`] are what the CLI's subcommands share.
 //!
@@ -27,6 +29,7 @@ pub mod progress;
 pub mod serve;
 pub mod service;
 pub mod sockets;
+pub mod xs;
 
 #[cfg(test)]
 mod test_support;

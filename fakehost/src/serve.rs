@@ -23,11 +23,15 @@ use crate::control::server::{self as control_server, Control};
 use crate::fcopy::FcopyHost;
 use crate::service::{HostService, Offer, ServiceClass, ServiceCli, ServiceConfig, UnknownService};
 use crate::sockets::{self, SocketError};
+use crate::xs::store::StoreSpec;
+use crate::xs::XsHost;
 
 /// The device classes this host serves, in the order offers are sent.
 pub const SERVICES: &[ServiceRow] = &[
     // Hyper-V guest file copy: /dev/vmbus/hv_fcopy and hv_fcopy_daemon.
     ServiceRow::of::<FcopyHost>(),
+    // Azure XStore fastpath: /dev/azure_xs_fastpath, blobs in --blob-root/--blob-store.
+    ServiceRow::of::<XsHost>(),
 ];
 
 /// One row of [`SERVICES`].
@@ -39,7 +43,7 @@ pub struct ServiceRow {
     pub offered_by_default: bool,
     /// Extra `fakehost` subcommands.
     pub cli: Option<ServiceCli>,
-    build: fn(&ServiceConfig) -> Arc<dyn HostService>,
+    build: fn(&ServiceConfig) -> Result<Arc<dyn HostService>, String>,
 }
 
 impl ServiceRow {
@@ -53,14 +57,14 @@ impl ServiceRow {
         }
     }
 
-    /// A fresh service of this class.
-    pub fn build(&self, config: &ServiceConfig) -> Arc<dyn HostService> {
+    /// A fresh service of this class, or why it cannot run.
+    pub fn build(&self, config: &ServiceConfig) -> Result<Arc<dyn HostService>, String> {
         (self.build)(config)
     }
 }
 
-fn build<T: ServiceClass>(config: &ServiceConfig) -> Arc<dyn HostService> {
-    Arc::new(T::new(config))
+fn build<T: ServiceClass>(config: &ServiceConfig) -> Result<Arc<dyn HostService>, String> {
+    T::new(config).map(|service| Arc::new(service) as Arc<dyn HostService>)
 }
 
 /// Every service name, in table order.
@@ -105,6 +109,8 @@ pub struct HostConfig {
     pub offers: Vec<String>,
     /// How long the guest has to answer one request (one fcopy step).
     pub step_timeout: Duration,
+    /// The XStore service's blob store.
+    pub blob_store: StoreSpec,
 }
 
 /// Why the host could not start.
@@ -130,6 +136,14 @@ pub enum ServeError {
     /// The control socket could not be set up.
     #[error("control socket: {0}")]
     Control(SocketError),
+    /// A service cannot run (its store is unusable, ...).
+    #[error("cannot start the {service} service: {reason}")]
+    Service {
+        /// The service's name.
+        service: &'static str,
+        /// Why.
+        reason: String,
+    },
     /// A thread could not be started.
     #[error("cannot start a thread: {0}")]
     Thread(io::Error),
@@ -191,6 +205,27 @@ impl RunningHost {
         if bus_path == config.control {
             return Err(ServeError::SamePath(bus_path));
         }
+        // Services first: one that cannot run (an unusable blob store) stops us before any
+        // socket exists.
+        let service_config = ServiceConfig {
+            step_timeout: config.step_timeout,
+            blob_store: config.blob_store.clone(),
+        };
+        let services = SERVICES
+            .iter()
+            .map(|row| {
+                let service = row
+                    .build(&service_config)
+                    .map_err(|reason| ServeError::Service {
+                        service: row.offer.name,
+                        reason,
+                    })?;
+                Ok(Registered {
+                    offer: row.offer,
+                    service,
+                })
+            })
+            .collect::<Result<Vec<_>, ServeError>>()?;
         sockets::prepare_socket_path(&bus_path).map_err(ServeError::Bus)?;
         let bus_listener =
             sockets::bind_listener(&bus_path, BUS_SOCKET_MODE).map_err(ServeError::Bus)?;
@@ -206,16 +241,6 @@ impl RunningHost {
         };
         let control_file = OwnedSocketFile::new(&config.control);
 
-        let service_config = ServiceConfig {
-            step_timeout: config.step_timeout,
-        };
-        let services = SERVICES
-            .iter()
-            .map(|row| Registered {
-                offer: row.offer,
-                service: row.build(&service_config),
-            })
-            .collect();
         let bus = Bus::new(&offered, services);
         let control = Arc::new(Control {
             bus: Arc::clone(&bus),
@@ -327,11 +352,13 @@ mod tests {
 
     #[test]
     fn every_service_builds_and_reports_status_before_any_guest() {
+        let dir = crate::test_support::TempDir::new("serve-build");
         let config = ServiceConfig {
             step_timeout: Duration::from_secs(1),
+            blob_store: StoreSpec::Local(dir.path().join("blobs")),
         };
         for row in SERVICES {
-            let status = row.build(&config).status();
+            let status = row.build(&config).unwrap().status();
             assert!(!status.summary.is_empty(), "{}", row.offer.name);
             assert!(status.state.is_object(), "{}", row.offer.name);
         }
@@ -345,6 +372,7 @@ mod tests {
             control: dir.path().join("ctl.sock"),
             offers: vec!["fcopy".into(), "teleport".into()],
             step_timeout: Duration::from_secs(1),
+            blob_store: StoreSpec::Local(dir.path().join("blobs")),
         })
         .err()
         .expect("started with an unknown service");
@@ -354,5 +382,28 @@ mod tests {
             "{err}"
         );
         assert!(!dir.path().join("bus.sock").exists());
+    }
+
+    #[test]
+    fn unusable_blob_store_refuses_to_start_before_any_socket() {
+        let dir = crate::test_support::TempDir::new("serve-store");
+        std::fs::write(dir.path().join("file"), b"x").unwrap();
+        let err = RunningHost::start(&HostConfig {
+            listen: BusAddress::Unix(dir.path().join("bus.sock")),
+            control: dir.path().join("ctl.sock"),
+            offers: vec!["xs".into()],
+            step_timeout: Duration::from_secs(1),
+            blob_store: StoreSpec::Local(dir.path().join("file/blobs")),
+        })
+        .err()
+        .expect("started over a blob root inside a file");
+        let text = err.to_string();
+        assert!(
+            text.starts_with("cannot start the xs service: blob root ")
+                && text.contains("cannot create it"),
+            "{text}"
+        );
+        assert!(!dir.path().join("bus.sock").exists());
+        assert!(!dir.path().join("ctl.sock").exists());
     }
 }

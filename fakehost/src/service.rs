@@ -52,6 +52,8 @@ pub enum InstanceGuid {
 pub struct ServiceConfig {
     /// How long the guest has to answer one host request before the operation fails.
     pub step_timeout: Duration,
+    /// Where the XStore service keeps its blobs (`--blob-root`, `--blob-store`).
+    pub blob_store: crate::xs::store::StoreSpec,
 }
 
 /// The host side of one device class, called by the bus (channel protocol) and by the
@@ -104,8 +106,9 @@ pub trait ServiceClass: HostService + Sized + 'static {
     const OFFERED_BY_DEFAULT: bool;
     /// Extra `fakehost` subcommands that drive this service (fcopy's `copy`).
     const CLI: Option<ServiceCli> = None;
-    /// A fresh service.
-    fn new(config: &ServiceConfig) -> Self;
+    /// A fresh service, or why it cannot run (`fakehost serve` then refuses to start, with
+    /// this reason).
+    fn new(config: &ServiceConfig) -> Result<Self, String>;
 }
 
 /// A service's extra subcommands on the `fakehost` command line.
@@ -149,6 +152,13 @@ pub enum CommandError {
     /// A well-formed command that cannot run now, with the reason.
     #[error("{0}")]
     Refused(String),
+}
+
+impl CommandError {
+    /// A service's command out of its JSON; anything else is [`CommandError::Malformed`].
+    pub fn parse<T: serde::de::DeserializeOwned>(command: serde_json::Value) -> Result<T, Self> {
+        serde_json::from_value(command).map_err(|e| CommandError::Malformed(e.to_string()))
+    }
 }
 
 /// A service's part of `fakehost status`.

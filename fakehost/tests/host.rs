@@ -5,21 +5,25 @@
 //! Synchronisation is by protocol order only (a reply proves its request was handled); the
 //! socket read timeouts below only turn a bug into a failure instead of a hang.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::thread;
 use std::time::Duration;
+
+use common::TempDir;
 
 use fakehost::control::client::{self, Client};
 use fakehost::control::proto::{Request, Response};
 use fakehost::fcopy::cli::result_line;
 use fakehost::fcopy::{CopyReport, FcopyCommand, Step};
 use fakehost::serve::{HostConfig, RunningHost};
+use fakehost::xs::store::StoreSpec;
 use vmbus::address::BusAddress;
 use vmbus::channel_msg::{ChannelMessage, VERSION_WIN10_V5_3, VERSION_WIN8_1};
 use vmbus::fcopy::{self as wire, op, StartFcopy, CREATE_PATH, DATA_FRAGMENT, OVER_WRITE};
@@ -33,26 +37,6 @@ const SAFETY_TIMEOUT: Duration = Duration::from_secs(30);
 
 // ---------------------------------------------------------------------------------------------
 // Test fixtures
-
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> TempDir {
-        static NEXT: AtomicU32 = AtomicU32::new(0);
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let path =
-            std::env::temp_dir().join(format!("fakehost-it-{tag}-{}-{n}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&path);
-        std::fs::create_dir_all(&path).unwrap();
-        TempDir(path)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 struct Fixture {
     dir: TempDir,
@@ -72,6 +56,7 @@ impl Fixture {
             control: control.clone(),
             offers: vec!["fcopy".into()],
             step_timeout,
+            blob_store: StoreSpec::Local(dir.0.join("blobs")),
         })
         .unwrap();
         Fixture {
@@ -822,6 +807,7 @@ fn second_host_on_the_same_socket_is_refused_and_vsock_points_to_the_vhost_backe
         control: fx.dir.0.join("other.ctl"),
         offers: vec!["fcopy".into()],
         step_timeout: Duration::from_secs(1),
+        blob_store: StoreSpec::Local(fx.dir.0.join("blobs")),
     })
     .err()
     .expect("second host started");
@@ -835,6 +821,7 @@ fn second_host_on_the_same_socket_is_refused_and_vsock_points_to_the_vhost_backe
         control: fx.dir.0.join("other.ctl"),
         offers: vec![],
         step_timeout: Duration::from_secs(1),
+        blob_store: StoreSpec::Local(fx.dir.0.join("blobs")),
     })
     .err()
     .expect("vsock host started");

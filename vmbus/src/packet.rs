@@ -80,10 +80,23 @@ pub const FLAG_COMPLETION_REQUESTED: u16 = 1;
 /// it is still copied but `len8` saturates, so the receiver's [`parse_packet`] rejects the
 /// packet with a length mismatch instead of misreading it.
 pub fn encode_inband(trans_id: u64, flags: u16, payload: &[u8]) -> Vec<u8> {
+    encode_packet(packet_type::DATA_INBAND, trans_id, flags, payload)
+}
+
+/// Builds a `VM_PKT_COMP` completion for the request with `trans_id`: the layout of an inband
+/// packet (offset8 = 2, no flags) with type 0xb, as a host answers a packet that had
+/// [`FLAG_COMPLETION_REQUESTED`] (storvsc and xs_fastpath match it by `trans_id`).
+pub fn encode_completion(trans_id: u64, payload: &[u8]) -> Vec<u8> {
+    encode_packet(packet_type::COMP, trans_id, 0, payload)
+}
+
+/// Builds a packet of type `ty` with the plain 16-byte descriptor (offset8 = 2): what
+/// [`encode_inband`] and [`encode_completion`] share. Same limits as [`encode_inband`].
+pub fn encode_packet(ty: u16, trans_id: u64, flags: u16, payload: &[u8]) -> Vec<u8> {
     let total = (DESCRIPTOR_LEN + payload.len()).div_ceil(8) * 8;
     let len8 = u16::try_from(total / 8).unwrap_or(u16::MAX);
     let descriptor = PacketDescriptor {
-        ty: U16::new(packet_type::DATA_INBAND),
+        ty: U16::new(ty),
         offset8: U16::new((DESCRIPTOR_LEN / 8) as u16),
         len8: U16::new(len8),
         flags: U16::new(flags),
@@ -183,6 +196,23 @@ mod tests {
         );
         assert_eq!(&bytes[16..29], &[0xaa; 13]);
         assert_eq!(&bytes[29..], &[0, 0, 0]);
+    }
+
+    #[test]
+    fn completion_is_type_0xb_with_the_requests_id_and_padded_payload() {
+        // A 12-byte xs_fastpath VspResponse: 16 + 12 = 28 -> 32 bytes, len8 = 4.
+        let bytes = encode_completion(2340, &[12, 0, 0, 0, 2, 0, 0, 0, 32, 0, 0, 0]);
+        assert_eq!(bytes.len(), 32);
+        assert_eq!(&bytes[..8], &[0x0b, 0, 2, 0, 4, 0, 0, 0]);
+        let packet = parse_packet(&bytes).unwrap();
+        assert_eq!(packet.ty, packet_type::COMP);
+        assert_eq!(packet.flags, 0);
+        assert_eq!(packet.trans_id, 2340);
+        assert_eq!(
+            &packet.payload[..12],
+            &[12, 0, 0, 0, 2, 0, 0, 0, 32, 0, 0, 0]
+        );
+        assert_eq!(&packet.payload[12..], &[0; 4]);
     }
 
     #[test]

@@ -72,6 +72,13 @@ impl ChannelLink {
     pub fn send_memory(&self, body: &[u8]) -> io::Result<()> {
         self.writer.send(vmbus::stream::kind::MEMORY, body)
     }
+
+    /// Sends one guest memory message given as its header and its bytes, without joining
+    /// them first (a 64 KiB WRITE chunk goes out straight from the host's buffer).
+    pub fn send_memory_parts(&self, header: &[u8], bytes: &[u8]) -> io::Result<()> {
+        self.writer
+            .send_parts(vmbus::stream::kind::MEMORY, &[header, bytes])
+    }
 }
 
 /// Why an offer or rescind request was refused.

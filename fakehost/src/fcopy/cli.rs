@@ -9,10 +9,10 @@ use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use clap::{FromArgMatches, Subcommand};
+use clap::Subcommand;
 
 use super::{names, CopyReport, FcopyCommand};
-use crate::cli::{os_reason, usage_error, EXIT_GUEST_FAILED};
+use crate::cli::{os_reason, subcommand, usage_error, EXIT_GUEST_FAILED};
 use crate::control::client::{Client, ClientError};
 use crate::control::proto::Response;
 use crate::progress::ProgressBar;
@@ -55,15 +55,7 @@ enum FcopyCli {
 }
 
 fn run(matches: &clap::ArgMatches, control: &Path) -> Option<ExitCode> {
-    let (name, _) = matches.subcommand()?;
-    if !FcopyCli::has_subcommand(name) {
-        return None;
-    }
-    let cli = match FcopyCli::from_arg_matches(matches) {
-        Ok(cli) => cli,
-        Err(e) => e.exit(),
-    };
-    Some(match cli {
+    Some(match subcommand::<FcopyCli>(matches)? {
         FcopyCli::Copy {
             src,
             guest_dir,

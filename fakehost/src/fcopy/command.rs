@@ -56,9 +56,7 @@ pub(super) fn run(
     command: serde_json::Value,
     ctx: CommandContext<'_>,
 ) -> Result<serde_json::Value, CommandError> {
-    let command: FcopyCommand =
-        serde_json::from_value(command).map_err(|e| CommandError::Malformed(e.to_string()))?;
-    match command {
+    match CommandError::parse::<FcopyCommand>(command)? {
         FcopyCommand::Copy {
             file_name,
             guest_dir,

@@ -161,8 +161,8 @@ impl ServiceClass for FcopyHost {
     const OFFERED_BY_DEFAULT: bool = true;
     const CLI: Option<crate::service::ServiceCli> = Some(cli::CLI);
 
-    fn new(config: &ServiceConfig) -> FcopyHost {
-        FcopyHost::new(config.step_timeout)
+    fn new(config: &ServiceConfig) -> Result<FcopyHost, String> {
+        Ok(FcopyHost::new(config.step_timeout))
     }
 }
 
