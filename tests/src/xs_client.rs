@@ -249,6 +249,21 @@ pub fn fds_and_threads(pid: u32) -> (usize, usize) {
     (count("fd"), count("task"))
 }
 
+/// The names (comm) of a process's threads.
+pub fn thread_names(pid: u32) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|dir| {
+            dir.filter_map(|task| {
+                let comm = task.ok()?.path().join("comm");
+                Some(std::fs::read_to_string(comm).ok()?.trim().to_string())
+            })
+            .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
 /// Waits (bounded, on /proc) until `pid` has exactly `baseline` fds and threads again.
 pub fn wait_for_counts(pid: u32, baseline: (usize, usize), limit: Duration) {
     let deadline = Instant::now() + limit;
@@ -259,11 +274,13 @@ pub fn wait_for_counts(pid: u32, baseline: (usize, usize), limit: Duration) {
         }
         assert!(
             Instant::now() < deadline,
-            "cusedev (pid {pid}) has {} fds and {} threads {limit:?} later, baseline {} and {}",
+            "pid {pid} has {} fds and {} threads {limit:?} later, baseline {} and {}; \
+             its threads: {}",
             now.0,
             now.1,
             baseline.0,
-            baseline.1
+            baseline.1,
+            thread_names(pid).join(", ")
         );
         std::thread::sleep(Duration::from_millis(20));
     }
