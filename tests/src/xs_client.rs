@@ -163,12 +163,9 @@ pub struct Holder {
 }
 
 impl Holder {
-    /// Starts `xs-client GLOBAL_ARGS hold --delay-aware` (a 60 s request timeout) and waits
-    /// for its "calling" line.
-    pub fn start(global_args: &[&str]) -> Holder {
-        let mut args = global_args.to_vec();
-        args.extend(["hold", "--delay-aware"]);
-        let mut child = crate::spawn_isolated(&mut command(Bits::B64, &args))
+    /// Starts `xs-client ARGS` (ending in `hold ...`) and waits for its "calling" line.
+    pub fn start(args: &[&str]) -> Holder {
+        let mut child = crate::spawn_isolated(&mut command(Bits::B64, args))
             .unwrap_or_else(|e| panic!("cannot start xs-client hold: {e}"));
         let mut stdout = BufReader::new(child.stdout.take().expect("piped stdout"));
         let mut line = String::new();
@@ -226,9 +223,11 @@ impl Holder {
 }
 
 impl Drop for Holder {
+    /// SIGKILL, and reap if it is gone already. No blocking wait: a posted call whose answer
+    /// was dropped keeps even a killed process in the ioctl until cusedev goes.
     fn drop(&mut self) {
         let _ = self.child.kill();
-        let _ = self.child.wait();
+        let _ = self.child.try_wait();
     }
 }
 

@@ -67,8 +67,14 @@ impl Xs {
         run(bits, &all)
     }
 
+    /// `hold --delay-aware`: a request with a 60 s timeout.
     fn holder(&self) -> Holder {
-        Holder::start(&["--dev", &self.node])
+        Holder::start(&["--dev", &self.node, "hold", "--delay-aware"])
+    }
+
+    /// `hold` with a 1 ms timeout: the reviewed profile would end it after 5 s.
+    fn short_holder(&self) -> Holder {
+        Holder::start(&["--dev", &self.node, "--timeout", "1", "hold"])
     }
 
     fn open(&self) -> Result<Dev, Errno> {
@@ -317,13 +323,17 @@ fn dropped_response_is_etimedout_after_timeout_plus_5_s_with_reviewed() {
         .contains("ret 0 status 2 (NOT_FOUND)"));
 }
 
+/// Past reviewed's bound for a 1 ms timeout (timeout + 5 s), with a margin.
+const PAST_THE_REVIEWED_BOUND: Duration = Duration::from_secs(7);
+
 #[test]
 fn dropped_response_leaves_the_posted_caller_in_the_ioctl_even_killed_until_cusedev_stops() {
     let mut rig = rig("xs-drop-posted", Profile::Posted);
     fakehost_ok(&rig, &["xs", "--drop-responses"]);
-    let waiting = rig.holder();
+    let started = std::time::Instant::now();
+    let waiting = rig.short_holder();
     waiting.wait_in_ioctl();
-    let mut killed = rig.holder();
+    let mut killed = rig.short_holder();
     killed.wait_in_ioctl();
     killed.kill();
     // The kernel's FUSE code waits out a request the server has read: 'D', still in ioctl.
@@ -341,11 +351,19 @@ fn dropped_response_leaves_the_posted_caller_in_the_ioctl_even_killed_until_cuse
         "{}",
         run.text()
     );
-    assert!(waiting.in_ioctl(), "--normal released a dropped request");
-    assert!(
-        killed.in_ioctl() && !killed.exited(),
-        "SIGKILL ended a posted call"
-    );
+    // "Forever" cannot be checked; past the point where the reviewed profile would have
+    // ended both calls (1 ms + 5 s) can. Watched on /proc all along, not slept through.
+    while started.elapsed() < PAST_THE_REVIEWED_BOUND {
+        assert!(
+            waiting.in_ioctl(),
+            "the posted call ended without an answer"
+        );
+        assert!(
+            killed.in_ioctl() && !killed.exited(),
+            "SIGKILL ended a posted call"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 
     // Only cusedev's end (the FUSE connection aborts) ends them.
     rig.guest.kill();
