@@ -8,6 +8,11 @@ need=()
 command -v sha256sum >/dev/null || need+=(coreutils)
 command -v unshare >/dev/null || need+=(util-linux)
 command -v mount >/dev/null || need+=(mount)
+# tests/build.rs compiles the C client tests/c/xs-client.c 64-bit and 32-bit (-m32: the
+# 32-bit process's ioctls are the compat path the xs_fastpath driver does not have).
+command -v gcc >/dev/null || need+=(gcc)
+[ "$(dpkg-query -W -f='${Status}' gcc-multilib 2>/dev/null)" = "install ok installed" ] ||
+    need+=(gcc-multilib)
 # The QEMU guest (tests/scripts/guest/build-guest.sh): the emulator, a static busybox for the
 # initramfs, depmod for the unpacked guest kernel's modules, cpio to pack the initramfs and
 # python3's lzma to extract the uncompressed vmlinux.

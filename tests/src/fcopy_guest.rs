@@ -13,7 +13,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use crate::harness::{scratch_dir, workspace_binary, Supervised, FCOPY_DAEMON};
+use crate::harness::{
+    dir_args, scratch_dir, workspace_binary, Supervised, FCOPY_DAEMON, FCOPY_NODE,
+};
 use crate::qemu::{Guest, GuestConfig, GuestImage};
 
 /// The vsock port the guest's cusedev connects to; the vhost backend hands it to fakehost.
@@ -35,7 +37,18 @@ impl VsockHost {
     /// Starts fakehost (bus + control sockets) and `vhost` in front of it, and waits until
     /// both listen.
     pub fn start(name: &str) -> VsockHost {
+        VsockHost::start_with(name, &[])
+    }
+
+    /// Like [`VsockHost::start`], with more `fakehost serve` arguments that name directories
+    /// of the scratch directory (`("--blob-root", "blobs")`; see [`dir_args`]).
+    pub fn start_with(name: &str, host_dir_args: &[(&str, &str)]) -> VsockHost {
         let dir = scratch_dir(name);
+        let pairs: Vec<(String, String)> = host_dir_args
+            .iter()
+            .map(|(flag, name)| (flag.to_string(), name.to_string()))
+            .collect();
+        let host_args = dir_args(&dir, &pairs);
         let bus = dir.join("bus.sock");
         let fakehost = Supervised::spawn(
             "fakehost",
@@ -45,6 +58,7 @@ impl VsockHost {
                 .arg(format!("unix:{}", bus.display()))
                 .arg("--control")
                 .arg(dir.join("ctl.sock"))
+                .args(&host_args)
                 .env("RUST_LOG", "info"),
         );
         fakehost.wait_for_log("listening");
@@ -138,6 +152,12 @@ pub fn guest_ok(
 /// Starts syslogd (the daemon logs nowhere else) and `cusedev serve --frontend auto` over
 /// vsock, and waits until the node is served. Returns cusedev's `frontend:` log line.
 pub fn start_cusedev(guest: &mut Guest) -> io::Result<String> {
+    start_cusedev_serving(guest, FCOPY_NODE, &[])
+}
+
+/// [`start_cusedev`] for any device: waits until cusedev serves `node` (`/dev/...`);
+/// `extra` goes to `cusedev serve` (`--profile D=P`).
+pub fn start_cusedev_serving(guest: &mut Guest, node: &str, extra: &[&str]) -> io::Result<String> {
     let cusedev = workspace_binary("cusedev");
     let wait_log = workspace_binary("wait-log");
     guest_ok(
@@ -150,9 +170,10 @@ pub fn start_cusedev(guest: &mut Guest) -> io::Result<String> {
         guest,
         "start cusedev",
         &format!(
-            "RUST_LOG=info setsid {} serve --host vsock:2:{BUS_PORT} --frontend auto \
+            "RUST_LOG=info setsid {} serve --host vsock:2:{BUS_PORT} --frontend auto {} \
              >/tmp/cusedev.log 2>&1 </dev/null &",
-            cusedev.display()
+            cusedev.display(),
+            extra.join(" ")
         ),
         SHORT,
     )?;
@@ -160,7 +181,7 @@ pub fn start_cusedev(guest: &mut Guest) -> io::Result<String> {
         guest,
         "cusedev serves the node",
         &format!(
-            "{} /tmp/cusedev.log 'serving /dev/vmbus/hv_fcopy' --timeout 60 >/dev/null && \
+            "{} /tmp/cusedev.log 'serving {node} (' --timeout 60 >/dev/null && \
              grep -m1 'frontend:' /tmp/cusedev.log",
             wait_log.display()
         ),

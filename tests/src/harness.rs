@@ -195,6 +195,8 @@ pub struct RigBuilder {
     frontend: String,
     guest_args: Vec<String>,
     host_args: Vec<String>,
+    host_dir_args: Vec<(String, String)>,
+    guest_dir_args: Vec<(String, String)>,
     devices: Vec<String>,
 }
 
@@ -217,6 +219,25 @@ impl RigBuilder {
         self
     }
 
+    /// An argument for `fakehost serve` naming a directory of the rig's scratch directory,
+    /// created before the host starts: `.host_dir_arg("--blob-root", "blobs")` passes
+    /// `--blob-root <dir>/blobs`.
+    pub fn host_dir_arg(mut self, flag: &str, name: &str) -> RigBuilder {
+        self.host_dir_args
+            .push((flag.to_string(), name.to_string()));
+        self
+    }
+
+    /// The same for `cusedev serve`: `.guest_dir_arg("--dev-root", "dev")` serves the nodes
+    /// under `<dir>/dev`, a device root of this rig's own. (Top-level nodes are files the
+    /// FUSE frontend makes at the device root; in the shared /dev, tests running at once
+    /// would make and remove each other's.)
+    pub fn guest_dir_arg(mut self, flag: &str, name: &str) -> RigBuilder {
+        self.guest_dir_args
+            .push((flag.to_string(), name.to_string()));
+        self
+    }
+
     /// [`RigBuilder::start`] returns once cusedev serves `device` (relative to /dev, as in
     /// the driver table: `"vmbus/hv_fcopy"`). Repeat for more devices.
     pub fn serves(mut self, device: &str) -> RigBuilder {
@@ -229,7 +250,9 @@ impl RigBuilder {
     pub fn start(self) -> Rig {
         let dir = scratch_dir(&self.test);
         let bus = dir.join("bus.sock");
-        let host_args: Vec<&str> = self.host_args.iter().map(String::as_str).collect();
+        let mut host_args = self.host_args.clone();
+        host_args.extend(dir_args(&dir, &self.host_dir_args));
+        let host_args: Vec<&str> = host_args.iter().map(String::as_str).collect();
         let host = spawn_host(&dir, &host_args);
         let guest = Supervised::spawn(
             "cusedev",
@@ -240,6 +263,7 @@ impl RigBuilder {
                 .arg("--frontend")
                 .arg(&self.frontend)
                 .args(&self.guest_args)
+                .args(dir_args(&dir, &self.guest_dir_args))
                 .env("RUST_LOG", "info"),
         );
         for device in &self.devices {
@@ -257,6 +281,8 @@ impl Rig {
             frontend: "fuse".to_string(),
             guest_args: Vec::new(),
             host_args: Vec::new(),
+            host_dir_args: Vec::new(),
+            guest_dir_args: Vec::new(),
             devices: Vec::new(),
         }
     }
@@ -342,6 +368,18 @@ impl Rig {
         self.guest.wait_for_log_from(mark, "registered");
         daemon
     }
+}
+
+/// `(flag, name)` pairs as arguments `flag <dir>/name`, each directory created.
+pub fn dir_args(dir: &Path, pairs: &[(String, String)]) -> Vec<String> {
+    let mut args = Vec::new();
+    for (flag, name) in pairs {
+        let path = dir.join(name);
+        std::fs::create_dir_all(&path).unwrap_or_else(|e| panic!("create {}: {e}", path.display()));
+        args.push(flag.clone());
+        args.push(path.display().to_string());
+    }
+    args
 }
 
 /// Starts `fakehost serve` on `dir`'s bus and control sockets and waits until it listens.

@@ -11,6 +11,7 @@ pub mod fcopy_guest;
 pub mod harness;
 pub mod qemu;
 pub mod syscalls;
+pub mod xs_client;
 
 /// Held while a test spawns a process and while it closes a device fd.
 ///
