@@ -170,30 +170,56 @@ impl Caller {
     /// file-backed mapping (anonymous memory is never `VM_IO`/`VM_PFNMAP`). Not seen: a
     /// protection key that forbids the caller's writes (x86 PKRU is per thread, not in /proc).
     pub fn check_writable_range(&self, addr: u64, len: u64) -> Result<(), Errno> {
-        if len == 0 {
-            return Ok(());
-        }
-        if !access_ok(addr, len) {
-            return Err(Errno::EFAULT);
-        }
-        // The pages a pin would take. (Mappings are page aligned, so checking the unrounded
-        // range would give the same answer; this is the range the kernel walks.) access_ok
-        // keeps addr + len <= TASK_SIZE_MAX, a page multiple: the round-up cannot overflow.
-        let start = addr & !(PAGE_SIZE - 1);
-        let end = (addr + len).next_multiple_of(PAGE_SIZE);
-        let maps = read_proc(self.pid, "maps").map_err(|e| self.fault("pin check", e))?;
-        match pin_verdict(&parse_maps(&maps), start, end) {
-            PinVerdict::Pinnable => Ok(()),
-            PinVerdict::NotPinnable => Err(Errno::EFAULT),
-            PinVerdict::NeedVmFlags => {
-                let smaps = read_proc(self.pid, "smaps").map_err(|e| self.fault("pin check", e))?;
-                match pin_verdict(&parse_maps(&smaps), start, end) {
-                    PinVerdict::Pinnable => Ok(()),
-                    // NeedVmFlags again: smaps without VmFlags; refuse what we cannot see.
-                    PinVerdict::NotPinnable | PinVerdict::NeedVmFlags => Err(Errno::EFAULT),
+        self.check_writable_ranges(&[(addr, len)])
+            .map_err(|(_, errno)| errno)
+    }
+
+    /// [`Caller::check_writable_range`] for several ranges, in order, from one reading of
+    /// the caller's maps (a driver pins its buffers one after another; reading maps once for
+    /// all of them keeps a small ioctl cheap). The error names the first range that fails.
+    pub fn check_writable_ranges(&self, ranges: &[(u64, u64)]) -> Result<(), (usize, Errno)> {
+        let mut maps: Option<String> = None;
+        let mut smaps: Option<String> = None;
+        for (i, &(addr, len)) in ranges.iter().enumerate() {
+            if len == 0 {
+                continue;
+            }
+            if !access_ok(addr, len) {
+                return Err((i, Errno::EFAULT));
+            }
+            // The pages a pin would take. (Mappings are page aligned, so checking the
+            // unrounded range would give the same answer; this is the range the kernel walks.)
+            // access_ok keeps addr + len <= TASK_SIZE_MAX, a page multiple: the round-up
+            // cannot overflow.
+            let start = addr & !(PAGE_SIZE - 1);
+            let end = (addr + len).next_multiple_of(PAGE_SIZE);
+            if maps.is_none() {
+                maps =
+                    Some(read_proc(self.pid, "maps").map_err(|e| (i, self.fault("pin check", e)))?);
+            }
+            let text = maps.as_deref().unwrap_or_default();
+            match pin_verdict(&parse_maps(text), start, end) {
+                PinVerdict::Pinnable => {}
+                PinVerdict::NotPinnable => return Err((i, Errno::EFAULT)),
+                PinVerdict::NeedVmFlags => {
+                    if smaps.is_none() {
+                        smaps = Some(
+                            read_proc(self.pid, "smaps")
+                                .map_err(|e| (i, self.fault("pin check", e)))?,
+                        );
+                    }
+                    let text = smaps.as_deref().unwrap_or_default();
+                    match pin_verdict(&parse_maps(text), start, end) {
+                        PinVerdict::Pinnable => {}
+                        // NeedVmFlags again: smaps without VmFlags; refuse what we cannot see.
+                        PinVerdict::NotPinnable | PinVerdict::NeedVmFlags => {
+                            return Err((i, Errno::EFAULT))
+                        }
+                    }
                 }
             }
         }
+        Ok(())
     }
 
     /// The caller's descriptor `fd`, duplicated into this process (`fget(fd)` in a driver):
@@ -400,8 +426,14 @@ fn read_proc(pid: u32, file: &str) -> Result<String, Errno> {
     if pid == 0 {
         return Err(Errno::ESRCH);
     }
-    let bytes = fs::read(format!("/proc/{pid}/{file}")).map_err(io_errno)?;
-    Ok(String::from_utf8_lossy(&bytes).into_owned())
+    // One large buffer: a seq_file fills as much of a read as it can, so a whole maps file
+    // comes in a read or two (fs::read would start from a size hint of 0 and probe upwards
+    // in many small reads).
+    let mut file = fs::File::open(format!("/proc/{pid}/{file}")).map_err(io_errno)?;
+    let mut bytes = Vec::with_capacity(64 << 10);
+    std::io::Read::read_to_end(&mut file, &mut bytes).map_err(io_errno)?;
+    Ok(String::from_utf8(bytes)
+        .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()))
 }
 
 fn io_errno(e: std::io::Error) -> Errno {

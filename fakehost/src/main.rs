@@ -18,7 +18,6 @@ use fakehost::cli::usage_error;
 use fakehost::control::client;
 use fakehost::control::proto::{Request, Response, StatusReport};
 use fakehost::serve::{self, HostConfig, RunningHost, SERVICES};
-use fakehost::xs::store::{StoreSpec, DEFAULT_BLOB_ROOT};
 
 /// A fake Hyper-V host for cusedev's userspace VMBus devices.
 ///
@@ -71,16 +70,6 @@ enum Command {
         #[arg(long, default_value_t = 60, value_name = "SECS",
               value_parser = clap::value_parser!(u64).range(1..))]
         step_timeout: u64,
-        /// Directory of the XStore service's blobs (created if missing)
-        #[arg(long, value_name = "DIR", default_value = DEFAULT_BLOB_ROOT,
-              conflicts_with = "blob_store")]
-        blob_root: PathBuf,
-        /// The XStore service's blobs in another store instead: file:///DIR,
-        /// azure://ACCOUNT/CONTAINER?endpoint=URL (key from AZURE_STORAGE_KEY; Azurite's
-        /// devstoreaccount1 needs none) or s3://BUCKET?endpoint=URL&region=REGION (keys from
-        /// AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)
-        #[arg(long, value_name = "URL")]
-        blob_store: Option<StoreSpec>,
     },
 
     /// Rescind a service's channel: the guest's device goes away.
@@ -123,8 +112,8 @@ fn service_parser() -> PossibleValuesParser {
 }
 
 fn main() -> ExitCode {
-    // The derived command plus every service's own subcommands.
-    let mut command = Cli::command();
+    // The derived command plus every service's own subcommands and `serve` options.
+    let mut command = Cli::command().mut_subcommand("serve", fakehost::serve::with_serve_options);
     for cli in SERVICES.iter().filter_map(|row| row.cli) {
         command = (cli.augment)(command);
     }
@@ -147,8 +136,6 @@ fn main() -> ExitCode {
             listen,
             mut offers,
             step_timeout,
-            blob_root,
-            blob_store,
         } => serve(HostConfig {
             offers: {
                 offers.sort();
@@ -158,7 +145,10 @@ fn main() -> ExitCode {
             listen,
             control: cli.control,
             step_timeout: Duration::from_secs(step_timeout),
-            blob_store: blob_store.unwrap_or(StoreSpec::Local(blob_root)),
+            serve_args: matches
+                .subcommand_matches("serve")
+                .cloned()
+                .unwrap_or_default(),
         }),
         Command::Rescind { service } => outcome(&cli.control, &Request::Rescind { service }),
         Command::Offer { service } => outcome(&cli.control, &Request::Offer { service }),

@@ -23,7 +23,6 @@ use crate::control::server::{self as control_server, Control};
 use crate::fcopy::FcopyHost;
 use crate::service::{HostService, Offer, ServiceClass, ServiceCli, ServiceConfig, UnknownService};
 use crate::sockets::{self, SocketError};
-use crate::xs::store::StoreSpec;
 use crate::xs::XsHost;
 
 /// The device classes this host serves, in the order offers are sent.
@@ -109,8 +108,23 @@ pub struct HostConfig {
     pub offers: Vec<String>,
     /// How long the guest has to answer one request (one fcopy step).
     pub step_timeout: Duration,
-    /// The XStore service's blob store.
-    pub blob_store: StoreSpec,
+    /// `serve`'s parsed options, the services' own among them ([`ServiceConfig::serve_args`]).
+    pub serve_args: clap::ArgMatches,
+}
+
+/// `fakehost serve`'s options as the services add them, parsed from `words` (the options
+/// only, no program or subcommand name): what a test or an embedding program passes as
+/// [`HostConfig::serve_args`].
+pub fn parse_serve_options(words: &[&str]) -> Result<clap::ArgMatches, clap::Error> {
+    with_serve_options(clap::Command::new("serve").no_binary_name(true)).try_get_matches_from(words)
+}
+
+/// Adds every service's own options to the `serve` command.
+pub fn with_serve_options(serve: clap::Command) -> clap::Command {
+    SERVICES
+        .iter()
+        .filter_map(|row| row.cli)
+        .fold(serve, |serve, cli| (cli.serve_args)(serve))
 }
 
 /// Why the host could not start.
@@ -209,7 +223,7 @@ impl RunningHost {
         // socket exists.
         let service_config = ServiceConfig {
             step_timeout: config.step_timeout,
-            blob_store: config.blob_store.clone(),
+            serve_args: config.serve_args.clone(),
         };
         let services = SERVICES
             .iter()
@@ -355,7 +369,11 @@ mod tests {
         let dir = crate::test_support::TempDir::new("serve-build");
         let config = ServiceConfig {
             step_timeout: Duration::from_secs(1),
-            blob_store: StoreSpec::Local(dir.path().join("blobs")),
+            serve_args: crate::serve::parse_serve_options(&[
+                "--blob-root",
+                dir.path().join("blobs").to_str().unwrap(),
+            ])
+            .unwrap(),
         };
         for row in SERVICES {
             let status = row.build(&config).unwrap().status();
@@ -372,7 +390,11 @@ mod tests {
             control: dir.path().join("ctl.sock"),
             offers: vec!["fcopy".into(), "teleport".into()],
             step_timeout: Duration::from_secs(1),
-            blob_store: StoreSpec::Local(dir.path().join("blobs")),
+            serve_args: crate::serve::parse_serve_options(&[
+                "--blob-root",
+                dir.path().join("blobs").to_str().unwrap(),
+            ])
+            .unwrap(),
         })
         .err()
         .expect("started with an unknown service");
@@ -393,7 +415,11 @@ mod tests {
             control: dir.path().join("ctl.sock"),
             offers: vec!["xs".into()],
             step_timeout: Duration::from_secs(1),
-            blob_store: StoreSpec::Local(dir.path().join("file/blobs")),
+            serve_args: crate::serve::parse_serve_options(&[
+                "--blob-root",
+                dir.path().join("file/blobs").to_str().unwrap(),
+            ])
+            .unwrap(),
         })
         .err()
         .expect("started over a blob root inside a file");

@@ -47,13 +47,16 @@ pub enum InstanceGuid {
     Fixed(Guid),
 }
 
-/// What every service is built from (`fakehost serve`'s options that apply to all of them).
+/// What every service is built from: `fakehost serve`'s options.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServiceConfig {
     /// How long the guest has to answer one host request before the operation fails.
     pub step_timeout: Duration,
-    /// Where the XStore service keeps its blobs (`--blob-root`, `--blob-store`).
-    pub blob_store: crate::xs::store::StoreSpec,
+    /// `fakehost serve`'s parsed options, the services' own among them (those each added with
+    /// [`ServiceCli::serve_args`], e.g. xs's `--blob-root`). A service reads its own with
+    /// `try_get_one`; in a config built without them (`ArgMatches::default()`) it takes its
+    /// defaults. [`crate::serve::parse_serve_options`] builds one from words.
+    pub serve_args: clap::ArgMatches,
 }
 
 /// The host side of one device class, called by the bus (channel protocol) and by the
@@ -119,6 +122,14 @@ pub struct ServiceCli {
     /// Runs the chosen subcommand if it is one of this service's (`None` if not), given the
     /// whole command line's matches and the control socket path.
     pub run: fn(&clap::ArgMatches, &Path) -> Option<ExitCode>,
+    /// Adds the service's own options to `fakehost serve` (it reads them back from
+    /// [`ServiceConfig::serve_args`]); [`ServiceCli::NO_SERVE_ARGS`] for none.
+    pub serve_args: fn(clap::Command) -> clap::Command,
+}
+
+impl ServiceCli {
+    /// A service whose `serve` takes no options of its own.
+    pub const NO_SERVE_ARGS: fn(clap::Command) -> clap::Command = |serve| serve;
 }
 
 /// What a service command gets besides its JSON: the request's descriptors, whether the

@@ -23,7 +23,6 @@ use fakehost::control::proto::{Request, Response};
 use fakehost::fcopy::cli::result_line;
 use fakehost::fcopy::{CopyReport, FcopyCommand, Step};
 use fakehost::serve::{HostConfig, RunningHost};
-use fakehost::xs::store::StoreSpec;
 use vmbus::address::BusAddress;
 use vmbus::channel_msg::{ChannelMessage, VERSION_WIN10_V5_3, VERSION_WIN8_1};
 use vmbus::fcopy::{self as wire, op, StartFcopy, CREATE_PATH, DATA_FRAGMENT, OVER_WRITE};
@@ -56,7 +55,11 @@ impl Fixture {
             control: control.clone(),
             offers: vec!["fcopy".into()],
             step_timeout,
-            blob_store: StoreSpec::Local(dir.0.join("blobs")),
+            serve_args: fakehost::serve::parse_serve_options(&[
+                "--blob-root",
+                dir.0.join("blobs").to_str().unwrap(),
+            ])
+            .unwrap(),
         })
         .unwrap();
         Fixture {
@@ -807,7 +810,11 @@ fn second_host_on_the_same_socket_is_refused_and_vsock_points_to_the_vhost_backe
         control: fx.dir.0.join("other.ctl"),
         offers: vec!["fcopy".into()],
         step_timeout: Duration::from_secs(1),
-        blob_store: StoreSpec::Local(fx.dir.0.join("blobs")),
+        serve_args: fakehost::serve::parse_serve_options(&[
+            "--blob-root",
+            fx.dir.0.join("blobs").to_str().unwrap(),
+        ])
+        .unwrap(),
     })
     .err()
     .expect("second host started");
@@ -821,7 +828,11 @@ fn second_host_on_the_same_socket_is_refused_and_vsock_points_to_the_vhost_backe
         control: fx.dir.0.join("other.ctl"),
         offers: vec![],
         step_timeout: Duration::from_secs(1),
-        blob_store: StoreSpec::Local(fx.dir.0.join("blobs")),
+        serve_args: fakehost::serve::parse_serve_options(&[
+            "--blob-root",
+            fx.dir.0.join("blobs").to_str().unwrap(),
+        ])
+        .unwrap(),
     })
     .err()
     .expect("vsock host started");

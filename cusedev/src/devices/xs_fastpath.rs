@@ -379,11 +379,11 @@ impl XsFastpath {
         }
         // 7, 8, 9: pin request, response, then data; 10: the page cap.
         let mut pages = PinnedPages::default();
-        for (what, addr, len) in buffers.in_pin_order() {
-            if let Err(errno) = pin(caller, addr, len) {
-                self.user_error(caller, format_args!("failed to pin the {what} buffer"));
-                return Err(errno);
-            }
+        let order = buffers.in_pin_order();
+        if let Err((i, errno)) = pin(caller, &order) {
+            let what = order.get(i).map_or("?", |b| b.0);
+            self.user_error(caller, format_args!("failed to pin the {what} buffer"));
+            return Err(errno);
         }
         let data_offset = buffers.data.map(|(addr, len)| pages.push(addr, len));
         let request_offset = pages.push(buffers.request.0, buffers.request.1);
@@ -692,13 +692,20 @@ impl Buffers {
     }
 }
 
-/// `import_single_range` + `iov_iter_get_pages_alloc` with the READ direction (FOLL_WRITE):
-/// the range must be a valid user range, at most MAX_RW_COUNT long, and writable memory.
-fn pin(caller: &Caller, addr: u64, len: u64) -> Result<(), Errno> {
-    if !access_ok(addr, len) || len > MAX_RW_COUNT {
-        return Err(Errno::EFAULT);
+/// `import_single_range` + `iov_iter_get_pages_alloc` with the READ direction (FOLL_WRITE),
+/// for each buffer in turn: a valid user range, at most MAX_RW_COUNT long, writable memory.
+/// The error names the first buffer that fails.
+fn pin(caller: &Caller, buffers: &[(&str, u64, u64)]) -> Result<(), (usize, Errno)> {
+    let mut ranges = Vec::with_capacity(buffers.len());
+    for (i, &(_, addr, len)) in buffers.iter().enumerate() {
+        if !access_ok(addr, len) || len > MAX_RW_COUNT {
+            // The buffers before it are checked first, as the patch pins them first.
+            caller.check_writable_ranges(&ranges)?;
+            return Err((i, Errno::EFAULT));
+        }
+        ranges.push((addr, len));
     }
-    caller.check_writable_range(addr, len)
+    caller.check_writable_ranges(&ranges)
 }
 
 /// `access_ok()` on x86_64: the range lies below the user address limit.

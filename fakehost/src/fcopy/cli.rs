@@ -22,6 +22,7 @@ use crate::service::ServiceCli;
 pub const CLI: ServiceCli = ServiceCli {
     augment: |cmd| FcopyCli::augment_subcommands(cmd),
     run,
+    serve_args: ServiceCli::NO_SERVE_ARGS,
 };
 
 #[derive(Debug, Subcommand)]

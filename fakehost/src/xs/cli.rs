@@ -19,6 +19,7 @@ use vmbus::xs_fastpath::xstore::{check_name, check_prefix};
 
 use super::command::{BlobReport, FaultReport, XsCommand};
 use super::faults::Fault;
+use super::store::{StoreSpec, DEFAULT_BLOB_ROOT};
 use crate::cli::{os_reason, subcommand, usage_error, EXIT_GUEST_FAILED};
 use crate::control::client::Client;
 use crate::control::proto::Response;
@@ -28,7 +29,34 @@ use crate::service::ServiceCli;
 pub const CLI: ServiceCli = ServiceCli {
     augment: |cmd| XsCli::augment_subcommands(cmd),
     run,
+    serve_args: |serve| ServeArgs::augment_args(serve),
 };
+
+/// xs's options of `fakehost serve`: where the blobs are.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Directory of the XStore service's blobs (created if missing)
+    #[arg(long, value_name = "DIR", default_value = DEFAULT_BLOB_ROOT,
+          conflicts_with = "blob_store")]
+    blob_root: PathBuf,
+    /// The XStore service's blobs in another store instead: file:///DIR,
+    /// azure://ACCOUNT/CONTAINER?endpoint=URL (key from AZURE_STORAGE_KEY; Azurite's
+    /// devstoreaccount1 needs none) or s3://BUCKET?endpoint=URL&region=REGION (keys from
+    /// AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)
+    #[arg(long, value_name = "URL")]
+    blob_store: Option<StoreSpec>,
+}
+
+/// The store `fakehost serve`'s options name; the default root when they are absent.
+pub fn store_spec(serve_args: &clap::ArgMatches) -> StoreSpec {
+    if let Ok(Some(spec)) = serve_args.try_get_one::<StoreSpec>("blob_store") {
+        return spec.clone();
+    }
+    match serve_args.try_get_one::<PathBuf>("blob_root") {
+        Ok(Some(root)) => StoreSpec::Local(root.clone()),
+        _ => StoreSpec::Local(PathBuf::from(DEFAULT_BLOB_ROOT)),
+    }
+}
 
 #[derive(Debug, Subcommand)]
 enum XsCli {

@@ -311,7 +311,8 @@ impl ServiceClass for XsHost {
     const CLI: Option<crate::service::ServiceCli> = Some(cli::CLI);
 
     fn new(config: &ServiceConfig) -> Result<XsHost, String> {
-        let store = BlobStore::open(&config.blob_store).map_err(|e| e.to_string())?;
+        let store =
+            BlobStore::open(&cli::store_spec(&config.serve_args)).map_err(|e| e.to_string())?;
         log::info!("xs: blobs in {}", store.url());
         XsHost::with_store(store, config.step_timeout)
     }
