@@ -21,7 +21,7 @@ use cusedev_tests::dev::{Dev, Errno};
 use cusedev_tests::enter_private_mount_namespace;
 use cusedev_tests::harness::{write_pattern_file, Rig};
 use cusedev_tests::xs_client::{
-    assert_all_cases_pass, fds_and_threads, run, seconds_after, wait_for_counts, Bits, Holder, Run,
+    assert_all_cases_pass, run, seconds_after, wait_for_baseline, Bits, Census, Holder, Run,
     BIG_FIT, REVIEWED, XS_DEVICE, XS_NODE,
 };
 
@@ -389,16 +389,17 @@ fn kill_a_client_mid_request_then_load(rig: &Xs) {
     assert!(run.stdout.contains("mismatches 0"), "{}", run.text());
 }
 
-/// The baseline is taken after a first round, so readers the engine starts once (up to its
-/// cap, never stopped) are in it; two more rounds must leave cusedev exactly there.
+/// The baseline is taken after a first round (threads a profile starts once, such as
+/// reviewed's timeout thread, are in it); two more rounds must bring cusedev back to it:
+/// the same fds, the same threads but for the engine's readers, which stay within their cap.
 fn killed_client_leaves_cusedev_healthy(test: &str, profile: Profile) {
     let rig = rig(test, profile);
     kill_a_client_mid_request_then_load(&rig);
     let cusedev = rig.guest.pid();
-    let baseline = fds_and_threads(cusedev);
+    let baseline = Census::of(cusedev);
     for _ in 0..2 {
         kill_a_client_mid_request_then_load(&rig);
-        wait_for_counts(cusedev, baseline, ENDS);
+        wait_for_baseline(cusedev, &baseline, ENDS);
     }
 }
 
