@@ -18,6 +18,10 @@ const SOURCE: &str = "c/xs-client.c";
 fn main() {
     println!("cargo:rerun-if-changed={SOURCE}");
     println!("cargo:rerun-if-changed=build.rs");
+    // cargo_metadata(false) below keeps cc from printing these itself.
+    for var in ["CC", "CFLAGS", "TARGET_CC", "TARGET_CFLAGS"] {
+        println!("cargo:rerun-if-env-changed={var}");
+    }
     let out = PathBuf::from(std::env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
     println!("cargo:rustc-env=XS_CLIENT_DIR={}", out.display());
     for (name, bits) in [("xs-client", "-m64"), ("xs-client32", "-m32")] {
@@ -41,15 +45,20 @@ fn main() {
             ])
             .arg(&binary)
             .arg(SOURCE);
+        let shown = std::iter::once(command.get_program())
+            .chain(command.get_args())
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect::<Vec<_>>()
+            .join(" ");
         let text = match command.output() {
             Ok(output) if output.status.success() => None,
             Ok(output) => Some(format!(
-                "{command:?} failed ({}):\n{}{}",
+                "{shown} failed ({}):\n{}{}",
                 output.status,
                 String::from_utf8_lossy(&output.stdout),
                 String::from_utf8_lossy(&output.stderr)
             )),
-            Err(err) => Some(format!("cannot run {command:?}: {err}")),
+            Err(err) => Some(format!("cannot run {shown}: {err}")),
         };
         match text {
             None => {
