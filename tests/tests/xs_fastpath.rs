@@ -323,6 +323,26 @@ fn dropped_response_is_etimedout_after_timeout_plus_5_s_with_reviewed() {
         .contains("ret 0 status 2 (NOT_FOUND)"));
 }
 
+/// Waits until the host has dropped `count` requests (`fakehost xs` says so).
+fn wait_until_host_dropped(rig: &Xs, count: u64) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = fakehost_ok(rig, &["xs"]);
+        let dropped = out
+            .lines()
+            .find_map(|l| l.strip_prefix("requests dropped so far: "))
+            .and_then(|n| n.trim().parse::<u64>().ok());
+        if dropped.is_some_and(|n| n >= count) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the host did not drop {count} requests in 30 s: {out}"
+        );
+        std::thread::yield_now();
+    }
+}
+
 /// Past reviewed's bound for a 1 ms timeout (timeout + 5 s), with a margin.
 const PAST_THE_REVIEWED_BOUND: Duration = Duration::from_secs(7);
 
@@ -333,8 +353,12 @@ fn dropped_response_leaves_the_posted_caller_in_the_ioctl_even_killed_until_cuse
     let started = std::time::Instant::now();
     let waiting = rig.short_holder();
     waiting.wait_in_ioctl();
+    wait_until_host_dropped(&rig, 1);
     let mut killed = rig.short_holder();
     killed.wait_in_ioctl();
+    // In ioctl(2) is not yet in the driver: a request the server has not read is still the
+    // kernel's, and SIGKILL takes it back. Once the host has it, cusedev has read it.
+    wait_until_host_dropped(&rig, 2);
     killed.kill();
     // The kernel's FUSE code waits out a request the server has read: 'D', still in ioctl.
     cusedev_tests::thread_state::wait_until_process_in_state(
