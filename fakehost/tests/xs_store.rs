@@ -9,13 +9,13 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use common::azurite::{Azurite, ACCOUNT};
 use common::TempDir;
 
 const DEADLINE: Duration = Duration::from_secs(60);
@@ -301,7 +301,7 @@ fn bad_blob_store_url_refuses_to_start_with_the_reason() {
 fn an_unreachable_store_is_logged_at_startup_shown_in_status_and_fails_commands() {
     let dir = TempDir::new("unreachable");
     // A port nothing listens on (bound, then closed).
-    let port = free_port();
+    let port = common::azurite::free_port();
     let url =
         format!("azure://devstoreaccount1/c?endpoint=http://127.0.0.1:{port}/devstoreaccount1");
     let mut host = serve(&dir.0, &["--blob-store", &url]);
@@ -402,131 +402,13 @@ fn a_put_cut_short_by_sigkill_leaves_the_old_blob_whole() {
 // ---------------------------------------------------------------------------------------------
 // Azurite
 
-const AZURITE_ACCOUNT: &str = "devstoreaccount1";
-const AZURITE_KEY: &str =
-    "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==";
-
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_owned()
-}
-
-/// Installs Azurite into build/node if it is not there; fails the test without node or npm.
-fn azurite_bin() -> PathBuf {
-    for tool in ["node", "npm"] {
-        let found = Command::new(tool)
-            .arg("--version")
-            .output()
-            .is_ok_and(|o| o.status.success());
-        assert!(
-            found,
-            "the Azurite test needs {tool}: install Node.js and npm (apt-get install nodejs npm, \
-             or `make deps`)"
-        );
-    }
-    let script = repo_root().join("fakehost/scripts/install-azurite.sh");
-    let out = Command::new(&script).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{} failed:\n{}{}",
-        script.display(),
-        text(&out.stdout),
-        text(&out.stderr)
-    );
-    repo_root().join("build/node/node_modules/.bin/azurite-blob")
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// One Shared Key-signed request to Azurite (path-style: /ACCOUNT/CONTAINER[/BLOB]), with
-/// `Connection: close`; returns the status code and the body.
-fn azurite_request(port: u16, method: &str, path: &str, query: &[(&str, &str)]) -> (u16, Vec<u8>) {
-    use base64::Engine;
-    let b64 = base64::engine::general_purpose::STANDARD;
-    let date = chrono::Utc::now()
-        .format("%a, %d %b %Y %H:%M:%S GMT")
-        .to_string();
-    let version = "2021-08-06";
-    let mut resource = format!("/{AZURITE_ACCOUNT}{path}");
-    for (k, v) in query {
-        resource.push_str(&format!("\n{k}:{v}"));
-    }
-    // VERB, 11 standard headers (all empty here), the x-ms- headers, the resource.
-    let to_sign = format!(
-        "{method}\n\n\n\n\n\n\n\n\n\n\n\nx-ms-date:{date}\nx-ms-version:{version}\n{resource}"
-    );
-    let key = aws_lc_rs::hmac::Key::new(
-        aws_lc_rs::hmac::HMAC_SHA256,
-        &b64.decode(AZURITE_KEY).unwrap(),
-    );
-    let signature = b64.encode(aws_lc_rs::hmac::sign(&key, to_sign.as_bytes()).as_ref());
-    let query: Vec<String> = query.iter().map(|(k, v)| format!("{k}={v}")).collect();
-    let target = if query.is_empty() {
-        path.to_owned()
-    } else {
-        format!("{path}?{}", query.join("&"))
-    };
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    stream.set_read_timeout(Some(DEADLINE)).unwrap();
-    write!(
-        stream,
-        "{method} {target} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nx-ms-date: {date}\r\n\
-         x-ms-version: {version}\r\nAuthorization: SharedKey {AZURITE_ACCOUNT}:{signature}\r\n\
-         Content-Length: 0\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut response = Vec::new();
-    stream.read_to_end(&mut response).unwrap();
-    let split = response
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .expect("an HTTP response");
-    let head = text(&response[..split]);
-    let code = head
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or_else(|| panic!("no status in {head:?}"));
-    (code, response[split + 4..].to_vec())
-}
-
 #[test]
 fn blobs_round_trip_through_azurite() {
-    let bin = azurite_bin();
     let dir = TempDir::new("azurite");
-    let port = free_port();
-    let _azurite = Proc::spawn(
-        "azurite",
-        Command::new(&bin)
-            .args(["--blobHost", "127.0.0.1", "--blobPort"])
-            .arg(port.to_string())
-            .arg("--location")
-            .arg(dir.0.join("azurite"))
-            .arg("--silent"),
-    );
-    poll_until("Azurite's blob port", || {
-        TcpStream::connect(("127.0.0.1", port)).is_ok()
-    });
+    let azurite = Azurite::start(&dir.0.join("azurite"));
     let container = format!("xs-{}", std::process::id());
-    let (code, body) = azurite_request(
-        port,
-        "PUT",
-        &format!("/{AZURITE_ACCOUNT}/{container}"),
-        &[("restype", "container")],
-    );
-    assert_eq!(code, 201, "create container: {}", text(&body));
-
-    let url = format!(
-        "azure://{AZURITE_ACCOUNT}/{container}?endpoint=http://127.0.0.1:{port}/{AZURITE_ACCOUNT}"
-    );
+    azurite.create_container(&container);
+    let url = azurite.store_url(&container);
     let mut host = serve(&dir.0, &["--blob-store", &url]);
     let probe_line = host.wait_for("xs: blob store");
     assert!(probe_line.ends_with(" answers"), "{probe_line}");
@@ -539,12 +421,8 @@ fn blobs_round_trip_through_azurite() {
     )
     .status
     .success());
-    let (code, body) = azurite_request(
-        port,
-        "GET",
-        &format!("/{AZURITE_ACCOUNT}/{container}/probe/one.txt"),
-        &[],
-    );
+    let (code, body) =
+        azurite.request("GET", &format!("/{ACCOUNT}/{container}/probe/one.txt"), &[]);
     assert_eq!((code, text(&body)), (200, "through azurite".to_owned()));
 
     round_trip(&dir.0, &url);

@@ -25,6 +25,9 @@ use cusedev_tests::xs_client::{
     BIG_FIT, REVIEWED, XS_DEVICE, XS_NODE,
 };
 
+#[path = "../../fakehost/tests/common/azurite.rs"]
+mod azurite;
+
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Profile {
     Posted,
@@ -88,10 +91,15 @@ fn rig(test: &str, profile: Profile) -> Xs {
 }
 
 fn start_rig(test: &str, profile: Profile) -> Xs {
-    let builder = Rig::builder(test)
-        .host_dir_arg("--blob-root", "blobs")
-        .guest_dir_arg("--dev-root", "dev")
-        .serves(XS_DEVICE);
+    start_rig_over(
+        profile,
+        Rig::builder(test).host_dir_arg("--blob-root", "blobs"),
+    )
+}
+
+/// The rig with the blob store `builder` names.
+fn start_rig_over(profile: Profile, builder: cusedev_tests::harness::RigBuilder) -> Xs {
+    let builder = builder.guest_dir_arg("--dev-root", "dev").serves(XS_DEVICE);
     let rig = match profile {
         Profile::Posted => builder,
         Profile::Reviewed => builder.guest_args(&["--profile", REVIEWED]),
@@ -524,4 +532,44 @@ fn rescind_with_a_call_in_flight_ends_it_with_enodev_and_removes_the_node_at_onc
     rig.guest.wait_for_log_from(mark, &removed_line());
     assert_eq!(rig.open().err(), Some(Errno::ENOENT));
     drop(dev);
+}
+
+/// The device's bytes in a real object store: a put through /dev/azure_xs_fastpath is a blob
+/// in Azurite (read back with Azure's own REST API), a get through the device returns it, an
+/// rm through the device removes it from Azurite.
+#[test]
+fn a_blob_put_through_the_device_is_in_azurite_and_comes_back() {
+    enter_private_mount_namespace().expect("private mount namespace");
+    let scratch = std::env::temp_dir().join(format!("cusedev-xs-azurite-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&scratch);
+    let azurite = azurite::Azurite::start(&scratch);
+    let container = format!("device-{}", std::process::id());
+    azurite.create_container(&container);
+    let url = azurite.store_url(&container);
+    let rig = start_rig_over(
+        Profile::Posted,
+        Rig::builder("xs-azurite").host_args(&["--blob-store", &url]),
+    );
+    let source = rig.dir.join("source.bin");
+    write_pattern_file(&source, 300_000, 9);
+    rig.client(&["put", "through/the-device.bin", source.to_str().unwrap()])
+        .assert_success("put through the device");
+    let blob_path = format!("/{}/{container}/through/the-device.bin", azurite::ACCOUNT);
+    let (code, body) = azurite.request("GET", &blob_path, &[]);
+    assert_eq!(code, 200);
+    assert_eq!(
+        body,
+        std::fs::read(&source).unwrap(),
+        "Azurite holds the device's bytes"
+    );
+    let back = rig.dir.join("back.bin");
+    rig.client(&["get", "through/the-device.bin", back.to_str().unwrap()])
+        .assert_success("get through the device");
+    assert_eq!(std::fs::read(&back).unwrap(), body);
+    rig.client(&["rm", "through/the-device.bin"])
+        .assert_success("rm through the device");
+    assert_eq!(azurite.request("GET", &blob_path, &[]).0, 404);
+    drop(rig);
+    drop(azurite);
+    let _ = std::fs::remove_dir_all(&scratch);
 }

@@ -1,5 +1,7 @@
 //! What fakehost's integration tests share.
 
+pub mod azurite;
+
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
 
