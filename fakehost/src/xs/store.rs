@@ -46,6 +46,9 @@ use object_store::{
 };
 use url::Url;
 
+/// Ranged reads retried when the blob changes between a failed read and its size.
+const VERSION_RACE_RETRIES: usize = 5;
+
 /// Where blobs live when `fakehost serve` is given neither `--blob-root` nor `--blob-store`.
 pub const DEFAULT_BLOB_ROOT: &str = "/var/lib/cusedev/blobs";
 
@@ -449,56 +452,75 @@ impl BlobStore {
             .map_err(|e| StoreFailure::Store(e.to_string()))
     }
 
-    /// Up to `max` bytes of `name` from `offset`. An offset equal to the size reads nothing;
-    /// past it is [`StoreFailure::Range`].
+    /// Up to `max` bytes of `name` from `offset`, all from one version of the blob. An offset
+    /// equal to the size reads nothing; past it is [`StoreFailure::Range`].
     pub async fn get(&self, name: &str, offset: u64, max: u64) -> Result<Got, StoreFailure> {
         let path = path(name)?;
-        if max > 0 {
-            let range: Range<u64> = offset..offset.saturating_add(max);
-            let options = GetOptions::new().with_range(Some(range));
+        if max == 0 {
+            return match self.empty_read(name, &path, offset, None).await? {
+                Some(got) => Ok(got),
+                None => Err(StoreFailure::Store(format!("{name}: no size"))),
+            };
+        }
+        let range: Range<u64> = offset..offset.saturating_add(max);
+        let mut last = None;
+        // A ranged read that fails, then a size that says the range was fine: the blob was
+        // replaced in between (another writer's put). Each attempt answers from one version.
+        for _ in 0..VERSION_RACE_RETRIES {
+            let options = GetOptions::new().with_range(Some(range.clone()));
             match self.store.get_opts(&path, options).await {
                 Ok(result) => {
                     let size = result.meta.size;
                     let bytes = result.bytes().await.map_err(|e| failure(name, e))?;
                     return Ok(Got { bytes, size });
                 }
-                // A range that starts at or past the end is an error on every back end; the
-                // size tells which of ours it is.
                 Err(object_store::Error::NotFound { .. }) => {
                     return Err(StoreFailure::NotFound(name.to_owned()))
                 }
-                Err(e) => return self.empty_read(name, &path, offset, Some(e)).await,
+                // A range that starts at or past the end is an error on every back end; the
+                // size tells which of ours it is.
+                Err(e) => {
+                    if let Some(got) = self.empty_read(name, &path, offset, Some(&e)).await? {
+                        return Ok(got);
+                    }
+                    last = Some(e);
+                }
             }
         }
-        self.empty_read(name, &path, offset, None).await
+        Err(last.map_or_else(
+            || StoreFailure::Store(format!("{name}: no answer")),
+            |e| failure(name, e),
+        ))
     }
 
-    /// A read of nothing at `offset`: OK at or before the end, RANGE past it; `first` is the
-    /// error of a ranged read that brought us here (reported if the offset was fine).
+    /// A read of nothing at `offset`: OK at or before the end, RANGE past it. With `first`,
+    /// the error of a ranged read that brought us here: `Ok(None)` when the size now says
+    /// that read should have worked (the blob changed in between: read again).
     async fn empty_read(
         &self,
         name: &str,
         path: &Path,
         offset: u64,
-        first: Option<object_store::Error>,
-    ) -> Result<Got, StoreFailure> {
-        let size = self
-            .store
-            .head(path)
-            .await
-            .map_err(|e| failure(name, e))?
-            .size;
+        first: Option<&object_store::Error>,
+    ) -> Result<Option<Got>, StoreFailure> {
+        let size = match self.store.head(path).await {
+            Ok(meta) => meta.size,
+            Err(object_store::Error::NotFound { .. }) => {
+                return Err(StoreFailure::NotFound(name.to_owned()))
+            }
+            Err(e) => return Err(failure(name, e)),
+        };
         match (offset.cmp(&size), first) {
             (std::cmp::Ordering::Greater, _) => Err(StoreFailure::Range {
                 name: name.to_owned(),
                 offset,
                 size,
             }),
-            (std::cmp::Ordering::Less, Some(e)) => Err(failure(name, e)),
-            _ => Ok(Got {
+            (std::cmp::Ordering::Less, Some(_)) => Ok(None),
+            _ => Ok(Some(Got {
                 bytes: Bytes::new(),
                 size,
-            }),
+            })),
         }
     }
 
