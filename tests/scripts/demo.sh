@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # make demo: Debian's unmodified hv_fcopy_daemon receives the fixtures from fakehost through
 # /dev/vmbus/hv_fcopy served by cusedev on a FUSE mount, in a private mount namespace (nothing
-# stays mounted afterwards). Usage: demo.sh BIN_DIR
+# stays mounted afterwards); then a fixture goes through /dev/azure_xs_fastpath into fakehost's
+# blob store and back, with the C client tests/c/xs-client.c (built here with gcc).
+# Usage: demo.sh BIN_DIR
 set -euo pipefail
 top=$(cd "$(dirname "$0")/../.." && pwd)
 bin=$(cd "${1:-$top/target/release}" && pwd)
@@ -29,4 +31,11 @@ for f in hello.txt sample.bin; do
     cmp "$top/fixtures/$f" "$work/guest/incoming/$f"
     echo "   $f: identical ($(stat -c %s "$work/guest/incoming/$f") bytes)"
 done
+echo "== /dev/azure_xs_fastpath: sample.bin into the fake XStore's blob store and back"
+gcc -O2 -std=gnu11 -Wall -Wextra -pthread -o "$work/xs-client" "$top/tests/c/xs-client.c"
+"$work/xs-client" put demo/sample.bin "$top/fixtures/sample.bin"
+"$bin/fakehost" blobs ls -l demo/
+"$work/xs-client" get demo/sample.bin "$work/sample.back"
+cmp "$top/fixtures/sample.bin" "$work/sample.back"
+echo "   sample.bin: identical after the round trip ($(stat -c %s "$work/sample.back") bytes)"
 echo "== demo passed"

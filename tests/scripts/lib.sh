@@ -1,4 +1,4 @@
-# Shared by demo.sh and bench.sh: start fakehost, cusedev (FUSE) and Debian's hv_fcopy_daemon
+# Shared by demo.sh and bench.sh: start fakehost (blobs in WORK_DIR/blobs), cusedev (FUSE) and Debian's hv_fcopy_daemon
 # inside the current (private) mount namespace, and stop them on exit.
 # Usage: . lib.sh; rig_start BIN_DIR WORK_DIR
 
@@ -32,7 +32,7 @@ rig_start() {
     local bin=$1 work=$2
     export FAKEHOST_CONTROL=$work/ctl.sock
     RUST_LOG=${RUST_LOG:-info} "$bin/fakehost" serve --listen "unix:$work/bus.sock" \
-        --control "$work/ctl.sock" 2>"$work/fakehost.log" &
+        --control "$work/ctl.sock" --blob-root "$work/blobs" 2>"$work/fakehost.log" &
     rig_pids+=($!)
     wait_for_line "$work/fakehost.log" listening
     RUST_LOG=${RUST_LOG:-info} "$bin/cusedev" serve --host "unix:$work/bus.sock" \
