@@ -137,6 +137,33 @@ fn garbage_from_the_host_is_logged_and_survived() {
         .write_all(&encode_frame(kind::PACKET, &bad))
         .unwrap();
     guest.wait_for_log("malformed packet from the host");
+    // Guest-memory frames: a body shorter than its header, a chunk longer than its length
+    // says, and a well-formed READ to a driver that names no pages. Each is logged and
+    // dropped; the channel stays up.
+    let read = vmbus::guest_memory::MemoryMessage::Read {
+        trans_id: 1,
+        offset: 0,
+        len: u32::MAX,
+    }
+    .encode();
+    channel
+        .write_all(&encode_frame(kind::MEMORY, &read[..20]))
+        .unwrap();
+    guest.wait_for_log("malformed guest memory message from the host");
+    let mut lying = vmbus::guest_memory::MemoryMessage::Write {
+        trans_id: 1,
+        offset: 0,
+        bytes: &[7; 16],
+    }
+    .encode();
+    lying[24] = 200; // len 200, 16 bytes follow
+    channel
+        .write_all(&encode_frame(kind::MEMORY, &lying))
+        .unwrap();
+    channel
+        .write_all(&encode_frame(kind::MEMORY, &read))
+        .unwrap();
+    guest.wait_for_log("to a driver that names no pages");
     // Still alive: a valid NEGOTIATE is answered as the 6.1 driver does (fw 3.0, fcopy 1.1).
     channel.write_all(&negotiate_packet(42)).unwrap();
     let (k, body) = read_frame(&mut channel);

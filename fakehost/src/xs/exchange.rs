@@ -414,7 +414,7 @@ async fn list(ctx: &Ctx<'_>, job: &Job, layout: &Layout, request: &Request) -> R
     let skip = usize::try_from(request.offset)
         .unwrap_or(usize::MAX)
         .min(listed.len());
-    let room = layout.response.len as usize - xstore::HEADER_LEN;
+    let room = (layout.response.len as usize).saturating_sub(xstore::HEADER_LEN);
     let (entries, count) =
         xstore::encode_list(listed[skip..].iter().map(|l| l.name.as_str()), room);
     Ok(Done {
