@@ -47,6 +47,9 @@ pub const TIMESYNC: Guid = Guid::TIMESYNC;
 pub const HEARTBEAT: Guid = Guid::HEARTBEAT;
 /// xs_fastpath (out-of-tree patch only), `{0590b792-db64-45cc-81db-b8d70c577c9e}`.
 pub const XS_FASTPATH: Guid = Guid::XS_FASTPATH;
+/// The fake lguest Guest (this project's own class: lguest never was a VMBus device),
+/// `{6c677565-7374-4775-a573-742067756573}`.
+pub const LGUEST_GUEST: Guid = Guid::LGUEST_GUEST;
 
 impl Guid {
     /// File copy (hv_fcopy).
@@ -97,6 +100,13 @@ impl Guid {
         0xdb64,
         0x45cc,
         [0x81, 0xdb, 0xb8, 0xd7, 0x0c, 0x57, 0x7c, 0x9e],
+    );
+    /// The fake lguest Guest: "lguest Guest" in ASCII, made a version-4 GUID.
+    pub const LGUEST_GUEST: Guid = Guid::from_fields(
+        0x6c67_7565,
+        0x7374,
+        0x4775,
+        [0xa5, 0x73, 0x74, 0x20, 0x67, 0x75, 0x65, 0x73],
     );
 
     /// The all-zero GUID.
@@ -150,7 +160,7 @@ impl Guid {
 }
 
 /// Every service this project knows, with its short name.
-const SERVICES: [(Guid, &str); 7] = [
+const SERVICES: [(Guid, &str); 8] = [
     (Guid::FCOPY, "fcopy"),
     (Guid::KVP, "kvp"),
     (Guid::VSS, "vss"),
@@ -158,6 +168,7 @@ const SERVICES: [(Guid, &str); 7] = [
     (Guid::TIMESYNC, "timesync"),
     (Guid::HEARTBEAT, "heartbeat"),
     (Guid::XS_FASTPATH, "xs_fastpath"),
+    (Guid::LGUEST_GUEST, "lguest"),
 ];
 
 impl fmt::Display for Guid {

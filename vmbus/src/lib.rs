@@ -13,6 +13,7 @@
 //! * [`guid`]: GUIDs in VMBus byte order and the service class GUIDs;
 //! * [`xs_fastpath`] and [`guest_memory`]: the XStore fastpath's ioctl, VSP messages and
 //!   GPA-direct packet, and the host's access to the pages such a packet names;
+//! * [`lguest`]: `/dev/lguest`'s requests and the messages to and from the fake Guest;
 //! * [`stream`] and [`address`]: our own stream framing and where the host listens.
 //!
 //! No I/O and no panics: every parser takes untrusted bytes and returns
@@ -28,6 +29,7 @@ pub mod fcopy;
 pub mod guest_memory;
 pub mod guid;
 pub mod ic;
+pub mod lguest;
 pub mod negotiate;
 pub mod packet;
 pub mod stream;
