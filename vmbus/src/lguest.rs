@@ -637,8 +637,8 @@ mod tests {
         // 0x1007 pages: the last byte of page 0x1006 is unreachable, as in 3.x (end / PAGE_SIZE
         // must be below the limit, and an access ending at the page boundary has end = limit).
         assert!(address_ok(0x1007, 0, 16));
-        assert!(address_ok(0x1007, 0x1006_000, 0xfff));
-        assert!(!address_ok(0x1007, 0x1006_000, 0x1000));
+        assert!(address_ok(0x1007, 0x0100_6000, 0xfff));
+        assert!(!address_ok(0x1007, 0x0100_6000, 0x1000));
         assert!(!address_ok(0x1007, u64::MAX - 3, 8));
         assert!(!address_ok(0, 0, 0));
     }
