@@ -247,6 +247,37 @@ impl Caller {
         pidfd_getfd(pidfd.as_fd(), fd).map_err(gone)
     }
 
+    /// The ABI the caller's program was built for: [`Abi::I386`] for a 32-bit ELF, else
+    /// [`Abi::X86_64`], from the class byte of `/proc/<tid>/exe`. A driver whose interface is
+    /// in `unsigned long` words (lguest's) needs it: the kernel's own word was the caller's
+    /// when both were 32-bit, and a 64-bit kernel gives an ia32 task its compat syscalls.
+    /// ESRCH when the thread has gone.
+    pub fn abi(&self) -> Result<Abi, Errno> {
+        if self.pid == 0 {
+            return Err(Errno::ESRCH);
+        }
+        let mut file = fs::File::open(format!("/proc/{}/exe", self.pid)).map_err(io_errno)?;
+        let mut ident = [0u8; 5];
+        std::io::Read::read_exact(&mut file, &mut ident).map_err(|_| Errno::ENOEXEC)?;
+        match ident {
+            [0x7f, b'E', b'L', b'F', 1] => Ok(Abi::I386),
+            [0x7f, b'E', b'L', b'F', 2] => Ok(Abi::X86_64),
+            _ => Err(Errno::ENOEXEC),
+        }
+    }
+
+    /// The syscall the calling thread is blocked in, from `/proc/<tid>/syscall` (its number
+    /// and six arguments, as the kernel saved them on entry). A frontend request is made from
+    /// inside a syscall that waits for our answer, so this is the caller's own `write(2)` with
+    /// its buffer pointer: what a driver that ignores `count` and reads the user pointer
+    /// itself (lguest's `write`) needs and a FUSE request does not carry. `abi` says how to
+    /// read the numbers (an ia32 task shows its compat syscall). Needs ptrace access to the
+    /// caller, as every other call here. None when the thread is running or has gone.
+    pub fn blocked_syscall(&self, abi: Abi) -> Option<BlockedSyscall> {
+        let text = read_proc(self.pid, "syscall").ok()?;
+        parse_syscall_line(&text, abi)
+    }
+
     /// What userspace can see of the calling thread's `current_cred()`: equal for two calls
     /// where the kernel's pointer would be equal, as far as /proc shows it. See
     /// [`CredentialIdentity`] for where it cannot match. ESRCH when the thread has gone.
@@ -396,6 +427,81 @@ fn user_range(addr: u64, len: usize) -> Option<usize> {
 struct Fault {
     done: usize,
     cause: Errno,
+}
+
+/// Which syscall ABI a process uses: what its ELF class says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Abi {
+    /// A 32-bit x86 program: `unsigned long` is 4 bytes; int 0x80 syscall numbers.
+    I386,
+    /// A 64-bit x86 program: `unsigned long` is 8 bytes.
+    X86_64,
+}
+
+impl Abi {
+    /// `sizeof(unsigned long)`.
+    pub fn word_bytes(self) -> usize {
+        match self {
+            Abi::I386 => 4,
+            Abi::X86_64 => 8,
+        }
+    }
+}
+
+/// A syscall a thread is blocked in, as `/proc/<tid>/syscall` shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlockedSyscall {
+    /// What the syscall is, as far as a driver's read or write path cares.
+    pub call: SyscallKind,
+    /// The six argument registers.
+    pub args: [u64; 6],
+}
+
+/// The syscalls that reach a driver's `.read`/`.write` with one user buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SyscallKind {
+    /// `read(fd, buf, count)`.
+    Read,
+    /// `write(fd, buf, count)`.
+    Write,
+    /// `pread64(fd, buf, count, pos)`.
+    Pread,
+    /// `pwrite64(fd, buf, count, pos)`.
+    Pwrite,
+    /// Anything else (readv, io_uring, ...): no single buffer to name.
+    Other(u64),
+}
+
+impl BlockedSyscall {
+    /// The user buffer of a read, write, pread or pwrite; None for other syscalls.
+    pub fn buffer(&self) -> Option<u64> {
+        match self.call {
+            SyscallKind::Read | SyscallKind::Write | SyscallKind::Pread | SyscallKind::Pwrite => {
+                Some(self.args[1])
+            }
+            SyscallKind::Other(_) => None,
+        }
+    }
+}
+
+/// `NR arg1 … arg6 sp pc` in hex (fs/proc/base.c `proc_pid_syscall`); `running` or `-1 sp pc`
+/// (not in a syscall) give None.
+fn parse_syscall_line(text: &str, abi: Abi) -> Option<BlockedSyscall> {
+    let mut fields = text.split_whitespace();
+    let nr: u64 = fields.next()?.parse().ok()?;
+    let mut args = [0u64; 6];
+    for arg in &mut args {
+        *arg = u64::from_str_radix(fields.next()?.trim_start_matches("0x"), 16).ok()?;
+    }
+    // asm/unistd_32.h and asm/unistd_64.h.
+    let call = match (abi, nr) {
+        (Abi::X86_64, 0) | (Abi::I386, 3) => SyscallKind::Read,
+        (Abi::X86_64, 1) | (Abi::I386, 4) => SyscallKind::Write,
+        (Abi::X86_64, 17) | (Abi::I386, 180) => SyscallKind::Pread,
+        (Abi::X86_64, 18) | (Abi::I386, 181) => SyscallKind::Pwrite,
+        (_, other) => SyscallKind::Other(other),
+    };
+    Some(BlockedSyscall { call, args })
 }
 
 /// Runs `step(done)` until `len` bytes have moved. process_vm_readv/writev stop at the first

@@ -17,7 +17,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::waitpid;
 use nix::unistd::{fork, gettid, pipe2, ForkResult, Pid};
 
-use crate::caller::{Caller, CredentialIdentity, TASK_SIZE_MAX};
+use crate::caller::{Abi, Caller, CredentialIdentity, SyscallKind, TASK_SIZE_MAX};
 
 const PAGE: usize = 4096;
 
@@ -672,4 +672,44 @@ fn exec_changes_the_identity() {
     // EOF ends `read y` (with status 1) and the shell.
     drop(stdin);
     shell.wait().unwrap();
+}
+
+#[test]
+fn abi_of_this_test_binary_is_x86_64_and_of_a_gone_thread_esrch() {
+    assert_eq!(me().abi(), Ok(Abi::X86_64));
+    assert_eq!(Abi::X86_64.word_bytes(), 8);
+    assert_eq!(Abi::I386.word_bytes(), 4);
+    assert_eq!(Caller::detached(0).abi(), Err(Errno::ESRCH));
+}
+
+#[test]
+fn blocked_syscall_shows_the_buffer_of_a_thread_blocked_in_read() {
+    let (reader, writer) = pipe2(OFlag::O_CLOEXEC).unwrap();
+    let mut buf = vec![0u8; 64];
+    let buf_addr = buf.as_mut_ptr() as u64;
+    let (tid_tx, tid_rx) = mpsc::channel();
+    std::thread::scope(|s| {
+        let reader = &reader;
+        let buf = &mut buf;
+        s.spawn(move || {
+            tid_tx.send(gettid().as_raw() as u32).unwrap();
+            raw_read(reader.as_raw_fd(), &mut buf[..]);
+        });
+        let tid = tid_rx.recv().unwrap();
+        let caller = Caller::detached(tid);
+        // The thread reaches its read soon after it sent its tid: poll /proc until it is
+        // there (an event of the kernel's, not a sleep).
+        let blocked = loop {
+            match caller.blocked_syscall(Abi::X86_64) {
+                Some(view) if view.call == SyscallKind::Read => break view,
+                _ => std::thread::yield_now(),
+            }
+        };
+        assert_eq!(blocked.args[0], reader.as_raw_fd() as u64);
+        assert_eq!(blocked.buffer(), Some(buf_addr));
+        assert_eq!(blocked.args[2], 64);
+        raw_write(writer.as_raw_fd(), b"x");
+    });
+    // A thread that has gone has no view.
+    assert_eq!(Caller::detached(0).blocked_syscall(Abi::X86_64), None);
 }

@@ -96,20 +96,27 @@ fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     // The device list is generated from the table, so it cannot be a derive attribute.
     let after_help = format!("{}\n\n{SERVE_EXAMPLES}", describe(DRIVER_TABLE));
+    // Rows add their own options (`--lguest-word`); their probes read them back.
     let matches = Cli::command()
-        .mut_subcommand("serve", |serve| serve.after_help(after_help))
+        .mut_subcommand("serve", |serve| {
+            Drivers::augment(DRIVER_TABLE, serve.after_help(after_help))
+        })
         .get_matches();
     let cli = match Cli::from_arg_matches(&matches) {
         Ok(cli) => cli,
         Err(e) => e.exit(),
     };
     let Command::Serve(args) = cli.command;
-    serve(args)
+    let options = matches
+        .subcommand_matches("serve")
+        .cloned()
+        .unwrap_or_default();
+    serve(args, options)
 }
 
-fn serve(args: ServeArgs) -> ExitCode {
+fn serve(args: ServeArgs, options: clap::ArgMatches) -> ExitCode {
     let drivers = match Drivers::configure(DRIVER_TABLE, Some(args.kernel.name()), &args.profiles) {
-        Ok(drivers) => drivers,
+        Ok(drivers) => drivers.with_options(options),
         Err(e) => {
             error!("{e}");
             return ExitCode::from(2);

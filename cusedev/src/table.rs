@@ -112,11 +112,20 @@ pub enum ProbeError {
 }
 
 /// Builds the model for an offered channel (the driver's `probe`, run after the channel is
-/// open). `profile` is always one of the row's own profiles.
+/// open). `profile` is always one of the row's own profiles; `options` are `cusedev serve`'s
+/// parsed options, the row's own among them (those its [`DriverRow::serve_args`] added; in
+/// matches built without them, `ArgMatches::default()`, a driver takes its defaults).
 pub type ProbeFn = fn(
     channel: Arc<dyn HostChannel>,
     profile: &Profile,
+    options: &clap::ArgMatches,
 ) -> Result<Arc<dyn ChannelDevice>, ProbeError>;
+
+/// Adds a row's own options to `cusedev serve` (lguest's `--lguest-word`).
+pub type ServeArgsFn = fn(clap::Command) -> clap::Command;
+
+/// A row whose driver takes no options of its own.
+pub const NO_SERVE_ARGS: ServeArgsFn = |serve| serve;
 
 /// One device: `util_id_table` row + `misc_register()`.
 #[derive(Debug)]
@@ -134,6 +143,8 @@ pub struct DriverRow {
     /// `vmbus_open()`).
     pub ring_bytes: usize,
     pub profiles: ProfileSet,
+    /// Its own `cusedev serve` options, read back by its probe; [`NO_SERVE_ARGS`] for none.
+    pub serve_args: ServeArgsFn,
     pub probe: ProbeFn,
 }
 
@@ -230,6 +241,8 @@ impl ProfileChoice {
 #[derive(Debug, Clone)]
 pub struct Drivers {
     rows: Vec<(&'static DriverRow, &'static Profile)>,
+    /// `cusedev serve`'s parsed options, for the probes.
+    options: Arc<clap::ArgMatches>,
 }
 
 impl Drivers {
@@ -281,7 +294,30 @@ impl Drivers {
             };
             rows.push((row, profile));
         }
-        Ok(Drivers { rows })
+        Ok(Drivers {
+            rows,
+            options: Arc::new(clap::ArgMatches::default()),
+        })
+    }
+
+    /// The same rows, whose probes get `options` (`cusedev serve`'s parsed options).
+    pub fn with_options(self, options: clap::ArgMatches) -> Drivers {
+        Drivers {
+            options: Arc::new(options),
+            ..self
+        }
+    }
+
+    /// What the probes get: `cusedev serve`'s options.
+    pub fn options(&self) -> &clap::ArgMatches {
+        &self.options
+    }
+
+    /// Adds every row's own options to `serve`.
+    pub fn augment(table: &[DriverRow], serve: clap::Command) -> clap::Command {
+        table
+            .iter()
+            .fold(serve, |serve, row| (row.serve_args)(serve))
     }
 
     /// The row that binds to `class`, with its chosen profile (`None`: no driver here).
@@ -341,7 +377,11 @@ mod tests {
     use crate::devices::hv_util::KERNEL_PROFILES;
     use crate::devices::DRIVER_TABLE;
 
-    fn refuse(_: Arc<dyn HostChannel>, _: &Profile) -> Result<Arc<dyn ChannelDevice>, ProbeError> {
+    fn refuse(
+        _: Arc<dyn HostChannel>,
+        _: &Profile,
+        _: &clap::ArgMatches,
+    ) -> Result<Arc<dyn ChannelDevice>, ProbeError> {
         Err(ProbeError::Driver("no".into()))
     }
 
@@ -355,6 +395,7 @@ mod tests {
             class: BusClass::Vmbus(Guid::KVP),
             ring_bytes: 8192,
             profiles: KERNEL_PROFILES,
+            serve_args: NO_SERVE_ARGS,
             probe: refuse,
         },
         DriverRow {
@@ -377,6 +418,7 @@ mod tests {
                 default: "posted",
                 set_by_kernel_flag: false,
             },
+            serve_args: NO_SERVE_ARGS,
             probe: refuse,
         },
     ];

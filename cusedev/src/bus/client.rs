@@ -339,7 +339,7 @@ impl Session {
         child_relid: u32,
     ) -> Result<(), BindError> {
         let opened = self.open_channel(child_relid, row.ring_bytes)?;
-        let device = match (row.probe)(opened.link.clone(), profile) {
+        let device = match (row.probe)(opened.link.clone(), profile, self.drivers.options()) {
             Ok(device) if device.name() == row.node => device,
             Ok(device) => {
                 let model = device.name().to_string();

@@ -11,12 +11,16 @@ use vmbus::negotiate::build_request_packet;
 use super::*;
 use crate::bus::channel::HostChannel;
 use crate::devices::{fcopy, hv_util};
-use crate::table::{ChannelDevice, ProbeError, Profile, ProfileSet};
+use crate::table::{ChannelDevice, ProbeError, Profile, ProfileSet, NO_SERVE_ARGS};
 
 /// How long any step may take before the test fails instead of hanging.
 const STEP: Duration = Duration::from_secs(20);
 
-fn refuse(_: Arc<dyn HostChannel>, _: &Profile) -> Result<Arc<dyn ChannelDevice>, ProbeError> {
+fn refuse(
+    _: Arc<dyn HostChannel>,
+    _: &Profile,
+    _: &clap::ArgMatches,
+) -> Result<Arc<dyn ChannelDevice>, ProbeError> {
     Err(ProbeError::Driver(
         "the test driver refuses every channel".into(),
     ))
@@ -26,8 +30,9 @@ fn refuse(_: Arc<dyn HostChannel>, _: &Profile) -> Result<Arc<dyn ChannelDevice>
 fn misnamed(
     channel: Arc<dyn HostChannel>,
     profile: &Profile,
+    options: &clap::ArgMatches,
 ) -> Result<Arc<dyn ChannelDevice>, ProbeError> {
-    fcopy::probe(channel, profile)
+    fcopy::probe(channel, profile, options)
 }
 
 const ONE_PROFILE: ProfileSet = ProfileSet {
@@ -47,6 +52,7 @@ static TABLE: &[DriverRow] = &[
         class: BusClass::Vmbus(Guid::FCOPY),
         ring_bytes: hv_util::UTIL_RING_BYTES,
         profiles: hv_util::KERNEL_PROFILES,
+        serve_args: NO_SERVE_ARGS,
         probe: fcopy::probe,
     },
     DriverRow {
@@ -56,6 +62,7 @@ static TABLE: &[DriverRow] = &[
         class: BusClass::Vmbus(Guid::KVP),
         ring_bytes: 4096,
         profiles: ONE_PROFILE,
+        serve_args: NO_SERVE_ARGS,
         probe: refuse,
     },
     DriverRow {
@@ -65,6 +72,7 @@ static TABLE: &[DriverRow] = &[
         class: BusClass::Vmbus(Guid::VSS),
         ring_bytes: 4096,
         profiles: hv_util::KERNEL_PROFILES,
+        serve_args: NO_SERVE_ARGS,
         probe: misnamed,
     },
 ];

@@ -15,7 +15,7 @@ pub mod xs_fastpath;
 
 use vmbus::guid::Guid;
 
-use crate::table::{BusClass, DriverRow};
+use crate::table::{BusClass, DriverRow, NO_SERVE_ARGS};
 
 /// Every device cusedev can serve: the kernel's `util_id_table` and `misc_register()` calls.
 pub static DRIVER_TABLE: &[DriverRow] = &[
@@ -26,6 +26,7 @@ pub static DRIVER_TABLE: &[DriverRow] = &[
         class: BusClass::Vmbus(Guid::FCOPY),
         ring_bytes: hv_util::UTIL_RING_BYTES,
         profiles: hv_util::KERNEL_PROFILES,
+        serve_args: NO_SERVE_ARGS,
         probe: fcopy::probe,
     },
     DriverRow {
@@ -35,6 +36,7 @@ pub static DRIVER_TABLE: &[DriverRow] = &[
         class: BusClass::Vmbus(Guid::XS_FASTPATH),
         ring_bytes: vmbus::xs_fastpath::RING_BYTES,
         profiles: xs_fastpath::PROFILES,
+        serve_args: NO_SERVE_ARGS,
         probe: xs_fastpath::probe,
     },
 ];

@@ -115,6 +115,7 @@ const REVIEWED: Rules = Rules {
 pub fn probe(
     channel: Arc<dyn HostChannel>,
     profile: &Profile,
+    _options: &clap::ArgMatches,
 ) -> Result<Arc<dyn crate::table::ChannelDevice>, ProbeError> {
     let rules = match profile.name {
         "posted" => POSTED,

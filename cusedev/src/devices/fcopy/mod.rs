@@ -248,6 +248,7 @@ pub fn default_timeout(profile: KernelProfile) -> Duration {
 pub fn probe(
     channel: Arc<dyn HostChannel>,
     profile: &Profile,
+    _options: &clap::ArgMatches,
 ) -> Result<Arc<dyn ChannelDevice>, ProbeError> {
     let kernel =
         KernelProfile::from_name(profile.name).ok_or_else(|| ProbeError::UnknownProfile {
@@ -323,13 +324,15 @@ mod tests {
             .expect("fcopy has a row");
         assert_eq!(row.profiles, KERNEL_PROFILES);
         for profile in row.profiles.profiles {
-            let dev = (row.probe)(TestChannel::new(), profile).expect("probe");
+            let dev = (row.probe)(TestChannel::new(), profile, &clap::ArgMatches::default())
+                .expect("probe");
             assert_eq!(dev.name(), row.node);
         }
         // Which model each profile gets: the seed has no poll.
         let seed = probe(
             TestChannel::new(),
             KERNEL_PROFILES.get("linux-3.14").unwrap(),
+            &clap::ArgMatches::default(),
         )
         .unwrap();
         let h = seed.open(&caller(), libc::O_RDWR).unwrap();
@@ -342,7 +345,9 @@ mod tests {
             name: "posted",
             about: "not a kernel",
         };
-        let err = probe(TestChannel::new(), &other).err().expect("refused");
+        let err = probe(TestChannel::new(), &other, &clap::ArgMatches::default())
+            .err()
+            .expect("refused");
         assert!(matches!(err, ProbeError::UnknownProfile { .. }), "{err}");
     }
 
