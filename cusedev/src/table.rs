@@ -28,8 +28,21 @@ use crate::device::Device;
 pub enum BusClass {
     /// A VMBus channel offered with this service class GUID (the offer's `if_type`).
     Vmbus(Guid),
-    // lguest's launcher talks to a Guest, not to a VMBus service: its class will be a variant
-    // of its own here (the bus's fake Guest), with no GUID. Not built yet.
+    /// lguest's Guest: not a VMBus service at all (in Linux 3.x the Guest ran inside the
+    /// host kernel). Its stand-in, the bus's fake Guest, is offered on the same bus under
+    /// this project's own class GUID, [`Guid::LGUEST_GUEST`].
+    LguestGuest,
+}
+
+impl BusClass {
+    /// The class an offer with this `if_type` belongs to.
+    pub fn of_offer(if_type: Guid) -> BusClass {
+        if if_type == Guid::LGUEST_GUEST {
+            BusClass::LguestGuest
+        } else {
+            BusClass::Vmbus(if_type)
+        }
+    }
 }
 
 impl fmt::Display for BusClass {
@@ -39,6 +52,7 @@ impl fmt::Display for BusClass {
                 Some(service) => write!(f, "VMBus {service} {{{guid}}}"),
                 None => write!(f, "VMBus {{{guid}}}"),
             },
+            BusClass::LguestGuest => write!(f, "the fake lguest Guest {{{}}}", Guid::LGUEST_GUEST),
         }
     }
 }

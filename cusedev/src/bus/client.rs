@@ -304,7 +304,7 @@ impl Session {
     }
 
     fn on_offer(self: &Arc<Self>, if_type: Guid, if_instance: Guid, child_relid: u32) {
-        let class = BusClass::Vmbus(if_type);
+        let class = BusClass::of_offer(if_type);
         let Some((row, profile)) = self.drivers.for_class(class) else {
             info!(
                 "host offers {} ({class}), relid {child_relid}: no driver for it here, left alone",

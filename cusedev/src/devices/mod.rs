@@ -11,6 +11,7 @@ pub mod delayed_work;
 pub mod fcopy;
 pub mod hv_util;
 pub mod hvutil_transport;
+pub mod lguest;
 pub mod xs_fastpath;
 
 use vmbus::guid::Guid;
@@ -38,5 +39,16 @@ pub static DRIVER_TABLE: &[DriverRow] = &[
         profiles: xs_fastpath::PROFILES,
         serve_args: NO_SERVE_ARGS,
         probe: xs_fastpath::probe,
+    },
+    DriverRow {
+        name: "lguest",
+        node: lguest::DEVICE_NAME,
+        about: "the lguest launcher interface of Linux 3.x, with a scripted fake Guest",
+        class: BusClass::LguestGuest,
+        // The Guest's messages are small; a Launcher's notifications are one at a time.
+        ring_bytes: 64 << 10,
+        profiles: lguest::PROFILES,
+        serve_args: lguest::serve_args,
+        probe: lguest::probe,
     },
 ];
