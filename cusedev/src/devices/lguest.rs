@@ -41,7 +41,7 @@ use vmbus::lguest::{
 use zerocopy::IntoBytes;
 
 use crate::bus::channel::{ChannelDriver, HostChannel};
-use crate::caller::Abi;
+use crate::caller::{Abi, SyscallKind};
 use crate::device::{Caller, Device, Errno, Handle, Parked, ReadReply, WriteReply};
 use crate::table::{ProbeError, Profile, ProfileSet};
 
@@ -162,6 +162,22 @@ struct GuestState {
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The CPU a read or write names: its file offset (`*off`). pread/pwrite carry it exactly.
+/// A plain read/write on the FUSE frontend arrives at the file position, which the FUSE
+/// kernel advances by every result (lguest's handlers never touch it, so in the kernel it
+/// stays where lseek put it): the era Launcher's `write(fd, args, 4·W)` would otherwise make
+/// its next write CPU 12. So a plain read/write is taken as CPU 0 (decision #41). CUSE passes
+/// offset 0 for everything (fs/fuse/cuse.c), which is CPU 0 too.
+fn cpu_of(offset: u64, caller: &Caller, abi: Abi) -> u64 {
+    if offset == 0 {
+        return 0;
+    }
+    match caller.blocked_syscall(abi).map(|view| view.call) {
+        Some(SyscallKind::Read | SyscallKind::Write) => 0,
+        _ => offset,
+    }
 }
 
 /// `%#lx`: C prints 0 without the prefix.
@@ -634,11 +650,14 @@ impl Device for Lguest {
 
     /// `read()`: runs the Guest (lguest_user.c, 3.x; the order of its checks).
     fn read(&self, handle: Handle, count: u32, offset: u64, caller: &Caller, reply: ReadReply) {
-        let guest = self.lock().files.get(&handle).and_then(|f| f.guest.clone());
+        let (abi, guest) = match self.lock().files.get(&handle) {
+            Some(file) => (file.abi, file.guest.clone()),
+            None => return reply.err(Errno::EBADF),
+        };
         let Some(guest) = guest else {
             return reply.err(Errno::EINVAL);
         };
-        if offset >= NR_CPUS {
+        if cpu_of(offset, caller, abi) >= NR_CPUS {
             return reply.err(Errno::EINVAL);
         }
         // "If you're not the task which owns the Guest, go away." A thread is a task.
@@ -699,7 +718,7 @@ impl Device for Lguest {
                 return self.initialize(handle, &mut words, caller);
             }
             let guest = match guest {
-                Some(guest) if offset < NR_CPUS => guest,
+                Some(guest) if cpu_of(offset, caller, abi) < NR_CPUS => guest,
                 _ => return Err(Errno::EINVAL),
             };
             if lock(&guest.inner).death.is_some() {
