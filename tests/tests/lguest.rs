@@ -1,0 +1,293 @@
+//! /dev/lguest on a FUSE mount, driven by the C Launcher `tests/c/lguest-launcher.c` (64- and
+//! 32-bit) through real syscalls, against fakehost's scripted fake Guest
+//! (`fixtures/lguest/*.guest`, chosen per test with `fakehost serve --lguest-guest`).
+//!
+//! The errno paths of lguest_user.c (../shared/spec/lguest.md §3) are the Launcher's `errno`
+//! case list, the same list the QEMU test runs over CUSE. The rest: the console Guest printing
+//! its line as v3.10's Launcher expects it (§7), eventfd attach while the owner sleeps in its
+//! read, 1,000 notify/IRQ round trips both ways, 64 Launchers at once, a Launcher killed while
+//! its Guest runs, a restart, a Guest killed for a bad memory access, and the host going away.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use cusedev_tests::enter_private_mount_namespace;
+use cusedev_tests::harness::Rig;
+use cusedev_tests::lguest_launcher::{
+    assert_all_cases_pass, exit, parse_pingpong, run_limited, Bits, Holder, Run, DEVICE,
+};
+use cusedev_tests::xs_client::{wait_for_baseline, Census};
+
+/// How long a Launcher run that should end may take.
+const ENDS: Duration = Duration::from_secs(60);
+
+/// A fixture Guest script by file name.
+fn script(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../fixtures/lguest")
+        .join(name)
+}
+
+/// One test's rig: fakehost running `guest` for every Guest, cusedev serving /dev/lguest
+/// under a device root of the test's own.
+struct Lg {
+    rig: Rig,
+    node: PathBuf,
+}
+
+impl Lg {
+    fn start(test: &str, guest: &str) -> Lg {
+        Lg::start_with(test, guest, &[])
+    }
+
+    fn start_with(test: &str, guest: &str, guest_args: &[&str]) -> Lg {
+        enter_private_mount_namespace().expect("private mount namespace");
+        let guest = script(guest);
+        let rig = Rig::builder(test)
+            .host_args(&["--lguest-guest", guest.to_str().expect("utf-8 path")])
+            .guest_args(guest_args)
+            .guest_dir_arg("--dev-root", "dev")
+            .serves(DEVICE)
+            .start();
+        let node = rig.dir.join("dev").join(DEVICE);
+        Lg { rig, node }
+    }
+
+    fn launcher(&self, bits: Bits, args: &[&str]) -> Run {
+        run_limited(bits, &self.node, args, ENDS)
+    }
+
+    /// `fakehost ARGS` against this rig's host; must succeed.
+    fn fakehost(&self, args: &[&str]) -> String {
+        let out = self.rig.fakehost(args);
+        assert!(
+            out.status.success(),
+            "fakehost {args:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Selects the script for Guests started from now on.
+    fn guest_script(&self, name: &str) {
+        let path = script(name);
+        self.fakehost(&["lguest", "script", path.to_str().expect("utf-8 path")]);
+    }
+}
+
+/// Cases whose absence from a run means the list itself lost them.
+const CORE_CASES: [&str; 12] = [
+    "read-before-init-einval",
+    "write-irq-before-init-einval",
+    "initialize-returns-3w",
+    "initialize-twice-ebusy",
+    "write-irq-32-einval",
+    "write-eventfd-fd-not-open-ebadf",
+    "write-eventfd-pipe-einval",
+    "read-from-other-thread-eperm",
+    "read-runs-guest-until-death-enoent",
+    "read-reason-with-nul",
+    "write-irq-size-one-word-reads-next-word-ok",
+    "write-irq-after-death-enoent",
+];
+
+fn errno_list_holds(test: &str, bits: Bits) {
+    let lg = Lg::start(test, "errno.guest");
+    let list = lg.launcher(bits, &["errno"]);
+    assert_all_cases_pass(&list, 40, &CORE_CASES);
+    let word = match bits {
+        Bits::B64 => 8,
+        Bits::B32 => 4,
+    };
+    assert!(
+        list.stdout.contains(&format!("word {word} bytes")),
+        "W detected from the ELF class: {}",
+        list.text()
+    );
+}
+
+#[test]
+fn errno_paths_of_lguest_user_c_hold_for_a_64_bit_launcher() {
+    errno_list_holds("lg-errno64", Bits::B64);
+}
+
+#[test]
+fn errno_paths_of_lguest_user_c_hold_for_a_32_bit_launcher() {
+    errno_list_holds("lg-errno32", Bits::B32);
+}
+
+#[test]
+fn forced_word_size_makes_a_64_bit_launchers_initialize_return_12() {
+    // --lguest-word 4: the device reads 4-byte words whatever the opener is, so the 64-bit
+    // list's INITIALIZE returns 3·4 where it expects 3·8.
+    let lg = Lg::start_with("lg-word", "errno.guest", &["--lguest-word", "4"]);
+    let list = lg.launcher(Bits::B64, &["errno"]);
+    assert!(
+        list.stdout.contains("FAIL initialize-returns-3w: got 12"),
+        "{}",
+        list.text()
+    );
+}
+
+fn console_prints_its_line(test: &str, bits: Bits) {
+    let lg = Lg::start(test, "console-hello.guest");
+    let console = lg.launcher(bits, &["console"]);
+    assert_eq!(console.code, Some(exit::GUEST), "{}", console.text());
+    assert!(
+        console.stdout.contains("hello from the fake guest\n"),
+        "{}",
+        console.text()
+    );
+    assert!(
+        console.stderr.contains("lguest: CRASH: Power down\n"),
+        "{}",
+        console.text()
+    );
+    // The Guest side saw what §7 says: the status notify at the device page (gpa 16 MiB)
+    // returned by a read, the output kick at pfn 0x1004 taken by an eventfd.
+    let notifies = lg.fakehost(&["lguest", "notifies"]);
+    assert!(notifies.contains("0x1000000"), "{notifies}");
+    assert!(notifies.contains("0x1004000"), "{notifies}");
+}
+
+#[test]
+fn console_guest_prints_hello_and_the_64_bit_launcher_exits_with_power_down() {
+    console_prints_its_line("lg-console64", Bits::B64);
+}
+
+#[test]
+fn console_guest_prints_hello_and_the_32_bit_launcher_exits_with_power_down() {
+    console_prints_its_line("lg-console32", Bits::B32);
+}
+
+#[test]
+fn a_thousand_notify_irq_round_trips_lose_nothing_through_reads_and_through_eventfds() {
+    let lg = Lg::start("lg-pingpong", "pingpong.guest");
+    for (bits, args) in [
+        (Bits::B64, vec!["pingpong", "1000"]),
+        (Bits::B32, vec!["pingpong", "1000", "--eventfd"]),
+        (Bits::B64, vec!["pingpong", "1000", "--eventfd"]),
+    ] {
+        let round = lg.launcher(bits, &args);
+        let counts = parse_pingpong(&round);
+        assert_eq!(round.code, Some(exit::OK), "{args:?}: {}", round.text());
+        assert_eq!((counts.notifies, counts.irqs), (1000, 1000), "{args:?}");
+        assert!(
+            round.stdout.contains("reason: CRASH: pingpong done"),
+            "{}",
+            round.text()
+        );
+    }
+}
+
+#[test]
+fn eventfd_attached_while_the_owner_sleeps_in_read_takes_the_next_notify() {
+    let lg = Lg::start("lg-attach", "attach.guest");
+    for bits in [Bits::B64, Bits::B32] {
+        let attach = lg.launcher(bits, &["attach-while-blocked"]);
+        assert_all_cases_pass(&attach, 7, &["attach-read-never-returned-0x2000"]);
+    }
+}
+
+#[test]
+fn sixty_four_launchers_at_once_each_complete_their_round_trips() {
+    let lg = Lg::start("lg-64", "pingpong.guest");
+    let node = lg.node.clone();
+    let runs: Vec<Run> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..64)
+            .map(|i| {
+                let node = node.clone();
+                let bits = if i % 2 == 0 { Bits::B64 } else { Bits::B32 };
+                s.spawn(move || run_limited(bits, &node, &["pingpong", "1000"], ENDS * 5))
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (i, round) in runs.iter().enumerate() {
+        let counts = parse_pingpong(round);
+        assert_eq!(
+            (round.code, counts.notifies, counts.irqs),
+            (Some(exit::OK), 1000, 1000),
+            "launcher {i}: {}",
+            round.text()
+        );
+    }
+}
+
+#[test]
+fn a_launcher_killed_while_its_guest_runs_leaves_the_server_healthy_and_at_baseline() {
+    let lg = Lg::start("lg-kill", "halt.guest");
+    let kill_one = |lg: &Lg| {
+        let mut holder = Holder::start(Bits::B64, &lg.node);
+        holder.wait_in_read(ENDS);
+        holder.kill();
+        holder.finish(ENDS);
+    };
+    kill_one(&lg);
+    let cusedev = lg.rig.guest.pid();
+    let baseline = Census::of(cusedev);
+    for _ in 0..3 {
+        kill_one(&lg);
+        wait_for_baseline(cusedev, &baseline, ENDS);
+    }
+    // The Guests of the killed Launchers are gone on the host side too, and a new Launcher
+    // works.
+    lg.guest_script("pingpong.guest");
+    let round = lg.launcher(Bits::B64, &["pingpong", "1000"]);
+    assert_eq!(parse_pingpong(&round).notifies, 1000, "{}", round.text());
+    let status = lg.fakehost(&["lguest", "status", "--json"]);
+    assert!(!status.contains("halted"), "{status}");
+}
+
+#[test]
+fn a_restart_request_makes_the_launcher_exec_itself_until_its_limit() {
+    let lg = Lg::start("lg-restart", "restart.guest");
+    let console = lg.launcher(Bits::B32, &["console", "--max-restarts", "2"]);
+    assert_eq!(console.code, Some(exit::RESTARTS), "{}", console.text());
+    assert!(
+        console.text().contains("restart 2 of at most 2"),
+        "{}",
+        console.text()
+    );
+}
+
+#[test]
+fn a_guest_read_outside_its_memory_kills_it_with_the_kernels_reason() {
+    let lg = Lg::start("lg-badread", "badread.guest");
+    // pfn limit 0x1007: `read limit 16` starts at 0x1007000, past every page.
+    let hold = lg.launcher(Bits::B64, &["hold"]);
+    assert_eq!(hold.code, Some(exit::GUEST), "{}", hold.text());
+    assert!(
+        hold.stderr
+            .contains("lguest: bad read address 0x1007000 len 16\n"),
+        "{}",
+        hold.text()
+    );
+}
+
+#[test]
+fn the_host_going_away_wakes_a_sleeping_launcher_with_the_reason() {
+    let lg = Lg::start("lg-rescind", "halt.guest");
+    let holder = Holder::start(Bits::B64, &lg.node);
+    holder.wait_in_read(ENDS);
+    lg.fakehost(&["rescind", "lguest"]);
+    let (printed, code) = holder.finish(ENDS);
+    assert_eq!(code, Some(exit::GUEST), "{printed}");
+    assert!(
+        printed.contains("lguest: fake Guest lost: the host side of the bus went away"),
+        "{printed}"
+    );
+}
+
+#[test]
+fn fakehost_lguest_reports_interrupts_and_notifications() {
+    let lg = Lg::start("lg-status", "pingpong.guest");
+    let round = lg.launcher(Bits::B64, &["pingpong", "1000"]);
+    assert_eq!(parse_pingpong(&round).irqs, 1000, "{}", round.text());
+    let irqs = lg.fakehost(&["lguest", "irqs"]);
+    assert!(irqs.contains("1000"), "IRQ 3 raised 1000 times: {irqs}");
+    let notifies = lg.fakehost(&["lguest", "notifies"]);
+    assert!(notifies.contains("0x1000"), "{notifies}");
+    assert!(notifies.contains("1000"), "{notifies}");
+}
