@@ -54,12 +54,13 @@ lint:
 ## FUSE) against the floor (bench/fcopy-floor.c, one libfuse3 process that also plays the host),
 ## alternated, medians of 3, unpinned and pinned to one CPU, with wake-ups and syscalls per
 ## fragment (BENCH_BYTES, BENCH_ROUNDS, ... : see tests/scripts/bench.sh); then xs_fastpath: ops/s of small
-## requests with 1 and 16 client threads and GB/s of 32 MiB GETs next to memcpy (tests/scripts/bench-xs.sh); then in QEMU: guest boot -> daemon ready and fcopy over CUSE + vsock, and our vhost-user-vsock
+## requests with 1 and 16 client threads and GB/s of 32 MiB GETs next to memcpy (tests/scripts/bench-xs.sh); then lguest: notify round trips/s and eventfd-signalled notifies/s next to a pipe ping-pong floor (tests/scripts/bench-lguest.sh); then in QEMU: guest boot -> daemon ready and fcopy over CUSE + vsock, and our vhost-user-vsock
 ## backend against rust-vmm's vhost-device-vsock (installed into build/cargo-root) in the same run.
 bench: deps guest
 	$(CARGO) build --release --workspace --bins
 	@tests/scripts/bench.sh $(RELEASE)
 	@tests/scripts/bench-xs.sh $(RELEASE)
+	@tests/scripts/bench-lguest.sh $(RELEASE)
 	@tests/scripts/bench-qemu.sh $(RELEASE)
 
 ## guest: the QEMU test guest (Debian's 6.1 kernel as vmlinux + busybox initramfs that chroots
