@@ -25,6 +25,7 @@ pub mod cli;
 pub mod control;
 pub mod fcopy;
 pub mod ic;
+pub mod lguest;
 pub mod progress;
 pub mod serve;
 pub mod service;

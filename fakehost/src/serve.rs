@@ -21,6 +21,7 @@ use vmbus::address::BusAddress;
 use crate::bus::{self, Bus, Registered};
 use crate::control::server::{self as control_server, Control};
 use crate::fcopy::FcopyHost;
+use crate::lguest::LguestHost;
 use crate::service::{HostService, Offer, ServiceClass, ServiceCli, ServiceConfig, UnknownService};
 use crate::sockets::{self, SocketError};
 use crate::xs::XsHost;
@@ -31,6 +32,8 @@ pub const SERVICES: &[ServiceRow] = &[
     ServiceRow::of::<FcopyHost>(),
     // Azure XStore fastpath: /dev/azure_xs_fastpath, blobs in --blob-root/--blob-store.
     ServiceRow::of::<XsHost>(),
+    // lguest Guests for /dev/lguest launchers: each runs the --lguest-guest script.
+    ServiceRow::of::<LguestHost>(),
 ];
 
 /// One row of [`SERVICES`].
