@@ -124,7 +124,8 @@ fn forced_word_size_makes_a_64_bit_launchers_initialize_return_12() {
     let lg = Lg::start_with("lg-word", "errno.guest", &["--lguest-word", "4"]);
     let list = lg.launcher(Bits::B64, &["errno"]);
     assert!(
-        list.stdout.contains("FAIL initialize-returns-3w: got 12"),
+        list.stdout
+            .contains("FAIL initialize-returns-3w: got ret 12 want ret 24"),
         "{}",
         list.text()
     );
@@ -237,7 +238,10 @@ fn a_launcher_killed_while_its_guest_runs_leaves_the_server_healthy_and_at_basel
     let round = lg.launcher(Bits::B64, &["pingpong", "1000"]);
     assert_eq!(parse_pingpong(&round).notifies, 1000, "{}", round.text());
     let status = lg.fakehost(&["lguest", "status", "--json"]);
-    assert!(!status.contains("halted"), "{status}");
+    assert!(
+        status.contains("\"ended\": \"closed\"") && !status.contains("\"ended\": null"),
+        "every Guest of a killed Launcher ended when its file closed: {status}"
+    );
 }
 
 #[test]
