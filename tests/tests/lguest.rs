@@ -11,6 +11,8 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use cusedev_tests::blocking::{install_sigusr1_without_restart, Blocking};
+use cusedev_tests::dev::{Dev, Errno};
 use cusedev_tests::enter_private_mount_namespace;
 use cusedev_tests::harness::Rig;
 use cusedev_tests::lguest_launcher::{
@@ -294,4 +296,95 @@ fn fakehost_lguest_reports_interrupts_and_notifications() {
     let notifies = lg.fakehost(&["lguest", "notifies"]);
     assert!(notifies.contains("0x1000"), "{notifies}");
     assert!(notifies.contains("1000"), "{notifies}");
+}
+
+/// `pwrite(fd, words, len(words) * 8, 0)`, as a 64-bit Launcher sends a request.
+fn request(dev: &Dev, words: &[u64]) -> Result<usize, Errno> {
+    let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+    // SAFETY: bytes is a valid buffer of bytes.len() bytes for the duration of the call.
+    let rc = unsafe { libc::pwrite(dev.raw(), bytes.as_ptr().cast(), bytes.len(), 0) };
+    if rc < 0 {
+        Err(Errno::last())
+    } else {
+        Ok(rc as usize)
+    }
+}
+
+#[test]
+fn a_signal_ends_the_read_with_eintr_and_what_the_guest_did_meanwhile_is_the_next_reads() {
+    let lg = Lg::start("lg-signal", "signal.guest");
+    install_sigusr1_without_restart();
+    let dev = std::sync::Arc::new(Dev::open(lg.node.to_str().unwrap()).expect("open"));
+    // 1 MiB: the crash message goes to the Guest's scratch address, 0x80000.
+    let memory = vec![0u8; 256 << 12];
+    let base = memory.as_ptr() as u64;
+    let (first_tx, first_rx) = std::sync::mpsc::channel();
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    let owner_dev = dev.clone();
+    let owner = Blocking::spawn(move || {
+        let init = request(&owner_dev, &[0, base, 256, 0x1000]);
+        // The Guest waits for interrupt 5: this read sleeps until the signal.
+        first_tx.send((init, owner_dev.pread(8))).unwrap();
+        go_rx.recv().unwrap();
+        let notified = owner_dev.pread(8);
+        let died = owner_dev.pread(8);
+        let reason = owner_dev.pread(100);
+        (notified, died, reason)
+    });
+    owner.wait_blocked_in_read();
+    owner.signal();
+    let (init, first) = first_rx.recv().unwrap();
+    assert_eq!(init, Ok(24));
+    assert_eq!(first, Err(Errno::EINTR));
+    // Another thread may not run the Guest; it may raise its interrupt.
+    assert_eq!(dev.pread(8), Err(Errno::EPERM));
+    assert_eq!(request(&dev, &[2, 5]), Ok(0));
+    // The Guest notifies with no read running it (the kernel's Guest could not have run
+    // then; ours keeps the notification for the next read).
+    let deadline = std::time::Instant::now() + ENDS;
+    while !lg.fakehost(&["lguest", "notifies"]).contains("0x3000") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the Guest never notified"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    go_tx.send(()).unwrap();
+    let (notified, died, reason) = owner.join();
+    assert_eq!(notified, Ok(0x3000u64.to_le_bytes().to_vec()));
+    assert_eq!(died, Err(Errno::ENOENT));
+    assert_eq!(reason, Ok(b"CRASH: after the signal\0".to_vec()));
+    drop(memory);
+}
+
+#[test]
+fn sixty_four_launchers_asleep_in_read_do_not_starve_the_writes_that_wake_others() {
+    let lg = Lg::start("lg-sleepers", "halt.guest");
+    let sleepers: Vec<Holder> = (0..64)
+        .map(|i| {
+            let bits = if i % 2 == 0 { Bits::B64 } else { Bits::B32 };
+            Holder::start(bits, &lg.node)
+        })
+        .collect();
+    for sleeper in &sleepers {
+        sleeper.wait_in_read(ENDS);
+    }
+    // With 64 reads parked, others' IRQ and EVENTFD writes and their reads still go through.
+    lg.guest_script("attach.guest");
+    let node = lg.node.clone();
+    let runs: Vec<Run> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..16)
+            .map(|_| {
+                let node = node.clone();
+                s.spawn(move || run_limited(Bits::B64, &node, &["attach-while-blocked"], ENDS))
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for attach in &runs {
+        assert_all_cases_pass(attach, 7, &["attach-read-never-returned-0x2000"]);
+    }
+    for sleeper in &sleepers {
+        assert!(sleeper.in_read(), "a sleeper woke up");
+    }
 }
