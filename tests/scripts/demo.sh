@@ -2,7 +2,8 @@
 # make demo: Debian's unmodified hv_fcopy_daemon receives the fixtures from fakehost through
 # /dev/vmbus/hv_fcopy served by cusedev on a FUSE mount, in a private mount namespace (nothing
 # stays mounted afterwards); then a fixture goes through /dev/azure_xs_fastpath into fakehost's
-# blob store and back, with the C client tests/c/xs-client.c (built here with gcc).
+# blob store and back, with the C client tests/c/xs-client.c (built here with gcc); then a
+# Launcher (tests/c/lguest-launcher.c) prints the fake console Guest's line through /dev/lguest.
 # Usage: demo.sh BIN_DIR
 set -euo pipefail
 top=$(cd "$(dirname "$0")/../.." && pwd)
@@ -38,4 +39,17 @@ gcc -O2 -std=gnu11 -Wall -Wextra -pthread -o "$work/xs-client" "$top/tests/c/xs-
 "$work/xs-client" get demo/sample.bin "$work/sample.back"
 cmp "$top/fixtures/sample.bin" "$work/sample.back"
 echo "   sample.bin: identical after the round trip ($(stat -c %s "$work/sample.back") bytes)"
+echo "== /dev/lguest: a Launcher runs fakehost's console Guest, which prints one line and powers down"
+wait_for_line "$work/cusedev.log" "serving /dev/lguest"
+gcc -O2 -std=gnu11 -Wall -Wextra -pthread -o "$work/lguest-launcher" "$top/tests/c/lguest-launcher.c"
+code=0
+"$work/lguest-launcher" console >"$work/lguest.out" 2>"$work/lguest.err" || code=$?
+sed 's/^/   guest console: /' "$work/lguest.out"
+sed 's/^/   launcher: /' "$work/lguest.err"
+if [ "$code" != 1 ] || ! grep -q "hello from the fake guest" "$work/lguest.out" \
+    || ! grep -q "lguest: CRASH: Power down" "$work/lguest.err"; then
+    echo "demo: the Launcher should print the Guest's line and exit 1 with CRASH: Power down" >&2
+    exit 1
+fi
+"$bin/fakehost" lguest notifies
 echo "== demo passed"

@@ -52,8 +52,8 @@ pub const DEVICE_NAME: &str = "lguest";
 pub const PROFILES: ProfileSet = ProfileSet {
     profiles: &[Profile {
         name: "linux-3.x",
-        about: "the pre-4.1 launcher interface (LHREQ_INITIALIZE, IRQ, EVENTFD) that the \
-                Launchers of Linux 2.6.36-4.0 use",
+        about: "the pre-4.1 launcher interface (LHREQ_INITIALIZE, IRQ, EVENTFD) that every \
+                Linux 3.x Launcher uses",
     }],
     default: "linux-3.x",
     set_by_kernel_flag: false,
