@@ -273,6 +273,35 @@ fn a_guest_read_outside_its_memory_kills_it_with_the_kernels_reason() {
 }
 
 #[test]
+fn a_guest_write_outside_its_memory_kills_it_with_the_kernels_reason() {
+    let lg = Lg::start("lg-badwrite", "badwrite.guest");
+    let hold = lg.launcher(Bits::B32, &["hold"]);
+    assert_eq!(hold.code, Some(exit::GUEST), "{}", hold.text());
+    assert!(
+        hold.stderr
+            .contains("lguest: bad write address 0x1007000 len 4\n"),
+        "{}",
+        hold.text()
+    );
+}
+
+#[test]
+fn a_script_that_does_not_parse_is_refused_with_its_line_and_changes_nothing() {
+    let lg = Lg::start("lg-badscript", "pingpong.guest");
+    let bad = lg.rig.dir.join("bad.guest");
+    std::fs::write(&bad, "notify 0x1000\nwait-irq 32 1s\n").unwrap();
+    let out = lg
+        .rig
+        .fakehost(&["lguest", "script", bad.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("bad.guest:2:"), "{stderr}");
+    // The Guests still run the script the host started with.
+    let round = lg.launcher(Bits::B64, &["pingpong", "1000"]);
+    assert_eq!(parse_pingpong(&round).notifies, 1000, "{}", round.text());
+}
+
+#[test]
 fn the_host_going_away_wakes_a_sleeping_launcher_with_the_reason() {
     let lg = Lg::start("lg-rescind", "halt.guest");
     let holder = Holder::start(Bits::B64, &lg.node);
