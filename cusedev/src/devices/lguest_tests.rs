@@ -52,6 +52,14 @@ impl FakeGuest {
         }));
     }
 
+    /// A payload as the ring would hold it, whatever it is.
+    fn push_raw(&self, payload: Vec<u8>) {
+        assert!(self.ring.push(InboundPacket {
+            trans_id: 0,
+            payload
+        }));
+    }
+
     fn wait_sent(&self, count: usize) -> Vec<Sent> {
         let deadline = Instant::now() + Duration::from_secs(20);
         let mut sent = self.sent.lock().unwrap();
@@ -377,4 +385,29 @@ fn eventfds_take_their_notifications_and_the_read_goes_on() {
         "a read cannot outlive its file"
     );
     assert_eq!(channel.wait_sent(5)[4], Sent::Message(1, ToGuest::Stop));
+}
+
+#[test]
+fn malformed_and_misdirected_guest_messages_are_dropped_and_the_guest_keeps_running() {
+    let memory = vec![0u8; 16 * 4096];
+    let (channel, dev, h) = initialized(&memory);
+    let me = launcher();
+    let (_, answer) = read(&dev, h, 8, &me);
+    // Too short, an unknown op, a guest that does not exist, DATA (only this side sends it),
+    // memory for a guest number that does not fit.
+    channel.push_raw(vec![1, 2, 3]);
+    channel.push_raw([99u32.to_le_bytes(), 1u32.to_le_bytes()].concat());
+    channel.push(7, FromGuest::Notify { addr: 0x1000 });
+    dev.on_channel_callback();
+    let data = guest_memory::header(guest_memory::op::DATA, 0, 1, 0, 0);
+    dev.on_memory(MemoryMessage::parse(data.as_bytes()).unwrap());
+    dev.on_memory(MemoryMessage::Read {
+        trans_id: 1 << 40,
+        offset: 0,
+        len: 4,
+    });
+    assert!(answer.try_recv().is_err(), "nothing reached the read");
+    channel.push(1, FromGuest::Notify { addr: 0x2000 });
+    dev.on_channel_callback();
+    assert_eq!(answer.recv().unwrap(), Ok(0x2000u64.to_le_bytes().to_vec()));
 }
