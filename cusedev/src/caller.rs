@@ -272,10 +272,33 @@ impl Caller {
     /// its buffer pointer: what a driver that ignores `count` and reads the user pointer
     /// itself (lguest's `write`) needs and a FUSE request does not carry. `abi` says how to
     /// read the numbers (an ia32 task shows its compat syscall). Needs ptrace access to the
-    /// caller, as every other call here. None when the thread is running or has gone.
+    /// caller, as every other call here. None when the thread has gone, or is not in a
+    /// syscall.
+    ///
+    /// The request reaches us before its caller has gone to sleep: FUSE queues it, wakes the
+    /// server and only then schedules the caller out (fs/fuse/dev.c `request_wait_answer`),
+    /// and meanwhile the file says `running`. The caller cannot get past its syscall without
+    /// our answer, so it is asleep within moments; this waits for that, backing off from
+    /// 10 µs, for at most about a second (a thread that stays runnable that long is not
+    /// waiting for us).
     pub fn blocked_syscall(&self, abi: Abi) -> Option<BlockedSyscall> {
-        let text = read_proc(self.pid, "syscall").ok()?;
-        parse_syscall_line(&text, abi)
+        let mut pause = std::time::Duration::from_micros(10);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+        loop {
+            let text = read_proc(self.pid, "syscall").ok()?;
+            if !text.starts_with("running") {
+                return parse_syscall_line(&text, abi);
+            }
+            if std::time::Instant::now() >= deadline {
+                log::debug!(
+                    "caller {}: still running after 1 s; no syscall view",
+                    self.pid
+                );
+                return None;
+            }
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(std::time::Duration::from_millis(10));
+        }
     }
 
     /// What userspace can see of the calling thread's `current_cred()`: equal for two calls
@@ -790,6 +813,37 @@ fn parse_stat(text: &str) -> Option<Stat> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn syscall_lines_read_as_the_kernel_prints_them() {
+        let write = "1 0x5 0x7ffd1000 0x4 0x0 0x0 0x0 0x7ffd0ff8 0x7f00aa\n";
+        let view = parse_syscall_line(write, Abi::X86_64).unwrap();
+        assert_eq!(view.call, SyscallKind::Write);
+        assert_eq!(view.buffer(), Some(0x7ffd_1000));
+        // An ia32 task shows its compat numbers: 181 is pwrite64 there, a socket call on x86_64.
+        let pwrite = "181 0x4 0xffd0 0x8 0x1 0x0 0x0 0xffc0 0xf7f0";
+        assert_eq!(
+            parse_syscall_line(pwrite, Abi::I386).map(|v| v.call),
+            Some(SyscallKind::Pwrite)
+        );
+        assert_eq!(
+            parse_syscall_line(pwrite, Abi::X86_64).map(|v| v.call),
+            Some(SyscallKind::Other(181))
+        );
+        assert_eq!(
+            parse_syscall_line("20 0x4 0x1 0x2 0 0 0 0 0", Abi::X86_64)
+                .unwrap()
+                .buffer(),
+            None
+        );
+        for not_blocked in ["running\n", "-1 0x7ffd0ff8 0x7f00aa\n", "", "1 0x5"] {
+            assert_eq!(
+                parse_syscall_line(not_blocked, Abi::X86_64),
+                None,
+                "{not_blocked:?}"
+            );
+        }
+    }
 
     const STAT: &str = "4242 (a) b)  c) S 1 4242 4242 0 -1 4194560 1051 0 0 0 2 3 0 0 20 0 1 0 \
         987654 8679424 1234 18446744073709551615 94000000000000 94000000100000 140720000000000 \
