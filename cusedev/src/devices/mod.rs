@@ -11,6 +11,7 @@ pub mod delayed_work;
 pub mod fcopy;
 pub mod hv_util;
 pub mod hvutil_transport;
+pub mod kvp;
 pub mod lguest;
 pub mod xs_fastpath;
 
@@ -29,6 +30,17 @@ pub static DRIVER_TABLE: &[DriverRow] = &[
         profiles: hv_util::KERNEL_PROFILES,
         serve_args: NO_SERVE_ARGS,
         probe: fcopy::probe,
+    },
+    DriverRow {
+        name: "kvp",
+        node: kvp::DEVICE_NAME,
+        about:
+            "Hyper-V key-value exchange (pools, guest info, IP injection), served to hv_kvp_daemon",
+        class: BusClass::Vmbus(Guid::KVP),
+        ring_bytes: hv_util::UTIL_RING_BYTES,
+        profiles: hv_util::KERNEL_PROFILES,
+        serve_args: NO_SERVE_ARGS,
+        probe: kvp::probe,
     },
     DriverRow {
         name: "xs_fastpath",
