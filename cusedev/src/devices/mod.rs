@@ -13,6 +13,7 @@ pub mod hv_util;
 pub mod hvutil_transport;
 pub mod kvp;
 pub mod lguest;
+pub mod vss;
 pub mod xs_fastpath;
 
 use vmbus::guid::Guid;
@@ -41,6 +42,16 @@ pub static DRIVER_TABLE: &[DriverRow] = &[
         profiles: hv_util::KERNEL_PROFILES,
         serve_args: NO_SERVE_ARGS,
         probe: kvp::probe,
+    },
+    DriverRow {
+        name: "vss",
+        node: vss::DEVICE_NAME,
+        about: "Hyper-V volume snapshot (freeze/thaw for host backups), served to hv_vss_daemon",
+        class: BusClass::Vmbus(Guid::VSS),
+        ring_bytes: hv_util::UTIL_RING_BYTES,
+        profiles: hv_util::KERNEL_PROFILES,
+        serve_args: NO_SERVE_ARGS,
+        probe: vss::probe,
     },
     DriverRow {
         name: "xs_fastpath",

@@ -519,14 +519,24 @@ impl Device for Kvp61 {
 }
 
 impl ChannelDriver for Kvp61 {
+    /// The channel callback, and again as long as it asked for a re-poll with a packet
+    /// waiting: `hv_poll_channel()` after a NEGOTIATE (or a registration, an answer, a
+    /// timeout) schedules the callback once more, which reads the next packet.
     fn on_channel_callback(&self) {
-        let _serial = self
-            .callback_serial
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        let mut guard = self.hvt.lock();
-        let Shared { hvt, svc } = &mut *guard;
-        svc.channel_callback(hvt);
+        loop {
+            {
+                let _serial = self
+                    .callback_serial
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner());
+                let mut guard = self.hvt.lock();
+                let Shared { hvt, svc } = &mut *guard;
+                svc.channel_callback(hvt);
+            }
+            if !std::mem::take(&mut self.hvt.lock().svc.repoll) {
+                break;
+            }
+        }
     }
 
     /// `util_remove()`: `hv_kvp_deinit()` then `vmbus_close()`.

@@ -301,6 +301,19 @@ fn negotiate_waits_in_the_ring_until_a_daemon_registers() {
 }
 
 #[test]
+fn negotiate_and_a_request_both_waiting_go_through_once_a_daemon_registers() {
+    // The NEGOTIATE answer ends with hv_poll_channel(): the request behind it is read next.
+    let rig = Rig::new();
+    rig.host(1, &negotiate(&[FW_3_0], &[SRV_4_0]));
+    rig.host(2, &kvp(&encode_enumerate(pool::AUTO, 4)));
+    assert!(rig.chan.sent().is_empty());
+    let h = rig.daemon();
+    assert_eq!(rig.chan.sent().len(), 1);
+    assert_eq!(rig.dev.state(), State::UserspaceReq);
+    assert_eq!(rig.daemon_read(h).enumerate().index.get(), 4);
+}
+
+#[test]
 fn negotiation_repoll_timer_only_reruns_the_callback_and_is_armed_once() {
     let chan = TestChannel::new();
     let dev = Kvp61::new(chan.clone(), DAEMON_TIMEOUT, Duration::from_millis(10));
