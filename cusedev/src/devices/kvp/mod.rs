@@ -45,7 +45,7 @@ use std::time::Duration;
 
 use log::{debug, error, info, warn};
 use vmbus::ic::{msgtype, set_reply, set_response_flags, ICMSG_HDR_LEN};
-use vmbus::kvp::{op, KvpMsg, DRV_VERSION, HV_E_FAIL, HV_S_CONT, MSG_LEN};
+use vmbus::kvp::{op, KvpMsg, DRV_VERSION, HV_E_FAIL, HV_S_CONT};
 use vmbus::negotiate::{prep_negotiate_resp, KVP_FW_VERSIONS, KVP_SRV_VERSIONS};
 
 use crate::bus::channel::{ChannelDriver, HostChannel};
@@ -73,10 +73,6 @@ pub const RECV_LIMIT: usize = 4 * 4096;
 /// Why the `linux-3.14` profile is refused.
 pub const NOT_MODELLED_3_14: &str =
     "hv_kvp of Linux 3.14 is not modelled; use --profile kvp=linux-6.1";
-
-/// Byte of the daemon's reply a legacy (REGISTER) daemon signals "no value" with: the first
-/// byte of `body.kvp_enum_data.data.key` (offset 4 + 4 + 12).
-const LEGACY_KEY_AT: usize = 20;
 
 /// `host_negotiatied` (sic), a static in the kernel's callback: whether the host's NEGOTIATE
 /// has been answered, and whether the 55 s re-poll has been armed.
@@ -423,10 +419,11 @@ impl Service {
 impl HvutilService for Service {
     /// `kvp_on_msg()`: the daemon's registration or its answer.
     fn on_msg(&mut self, hvt: &mut Transport<Self>, msg: &[u8]) -> Result<(), Errno> {
-        if msg.len() < MSG_LEN {
+        // `len < sizeof(*message)`: EINVAL. Longer writes are taken (their tail is ignored).
+        let Ok(message) = KvpMsg::from_prefix(msg) else {
             return Err(Errno::EINVAL);
-        }
-        let operation = msg.first().copied().unwrap_or(0);
+        };
+        let operation = message.hdr.operation;
         // "If we are negotiating the version information with the daemon; handle that first."
         if self.state < State::Ready {
             return self.handle_handshake(hvt, operation);
@@ -444,10 +441,10 @@ impl HvutilService for Service {
         // differently."
         let error = match self.dm_reg_value {
             // "Null string is used to pass back error condition."
-            Some(op::REGISTER) if msg.get(LEGACY_KEY_AT) == Some(&0) => HV_S_CONT,
+            Some(op::REGISTER) if message.enumerate().data.key[0] == 0 => HV_S_CONT,
             // "We use the message header information from the user level daemon to
             // transmit errors."
-            Some(op::REGISTER1) => u32::from_le_bytes([msg[0], msg[1], msg[2], msg[3]]),
+            Some(op::REGISTER1) => message.error(),
             _ => 0,
         };
         // "Complete the transaction by forwarding the key value to the host. But first,
