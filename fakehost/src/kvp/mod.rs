@@ -29,6 +29,8 @@ pub mod command;
 pub mod host_items;
 mod ops;
 pub mod report;
+#[cfg(test)]
+mod tests;
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
