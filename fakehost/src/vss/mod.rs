@@ -21,6 +21,8 @@
 pub mod cli;
 pub mod command;
 pub mod peer;
+#[cfg(test)]
+mod tests;
 
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
