@@ -274,9 +274,12 @@ impl VssHost {
             ),
         };
         let answered = hresult.is_some();
+        // Nothing reached the guest: nothing changed there.
+        let sent = !matches!(outcome, Failure::Txn(TxnError::Ready(_)));
         let mut history = self.history();
         let frozen = std::mem::replace(&mut history.frozen, FrozenAt::No);
         history.frozen = match (what, ok, answered) {
+            _ if !sent => frozen,
             (VssOp::Freeze, true, _) => FrozenAt::Yes(Instant::now()),
             // The daemon thaws after a failed freeze, so a guest that was not frozen is not
             // now; one that was (or may have been) keeps that answer, since an HV_E_FAIL may

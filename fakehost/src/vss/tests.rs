@@ -387,6 +387,9 @@ fn no_channel_is_named() {
         "{error}"
     );
     assert!(host.status().summary.starts_with("channel not attached"));
+    // Nothing was sent, so nothing may be frozen.
+    assert_eq!(report.guest, Frozen::No);
+    assert_eq!(host.vss_status().guest, Frozen::No);
 }
 
 #[test]
