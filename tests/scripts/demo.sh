@@ -3,7 +3,8 @@
 # /dev/vmbus/hv_fcopy served by cusedev on a FUSE mount, in a private mount namespace (nothing
 # stays mounted afterwards); then a fixture goes through /dev/azure_xs_fastpath into fakehost's
 # blob store and back, with the C client tests/c/xs-client.c (built here with gcc); then a
-# Launcher (tests/c/lguest-launcher.c) prints the fake console Guest's line through /dev/lguest.
+# Launcher (tests/c/lguest-launcher.c) prints the fake console Guest's line through /dev/lguest;
+# then one KVP exchange with Debian's hv_kvp_daemon through /dev/vmbus/hv_kvp.
 # Usage: demo.sh BIN_DIR
 set -euo pipefail
 top=$(cd "$(dirname "$0")/../.." && pwd)
@@ -52,4 +53,14 @@ if [ "$code" != 1 ] || ! grep -q "hello from the fake guest" "$work/lguest.out" 
     exit 1
 fi
 "$bin/fakehost" lguest notifies
+echo "== /dev/vmbus/hv_kvp: Debian's hv_kvp_daemon answers the fake Hyper-V host's KVP exchange"
+# The daemon keeps its pools in /var/lib/hyperv; in this mount namespace that is our directory.
+mkdir -p /var/lib/hyperv "$work/hyperv"
+mount --bind "$work/hyperv" /var/lib/hyperv
+/usr/sbin/hv_kvp_daemon -n </dev/null 2>"$work/kvp-daemon.log" &
+rig_pids+=($!)
+"$bin/fakehost" kvp set --pool 0 DemoGreeting "hello from the host"
+"$bin/fakehost" kvp list --pool 0
+"$bin/fakehost" kvp list --pool auto | grep -E "^(FullyQualifiedDomainName|OSName|OSVersion)=" | sed 's/^/   guest: /'
+echo "   pool 3 (the host's items, as the daemon stored them): $("$bin/fakehost" kvp list --pool 3 | wc -l) records"
 echo "== demo passed"
