@@ -9,6 +9,7 @@
 //! * [`negotiate`]: IC version negotiation, host request and the guest's in-place answer in
 //!   its 6.1 and 3.x forms;
 //! * [`fcopy`] and [`utf16`]: file-copy messages and the kernel's UTF-16 → UTF-8 conversion;
+//! * [`kvp`] and [`vss`]: key-value exchange and snapshot messages, host and daemon sides;
 //! * [`channel_msg`]: channel-management messages (offers, open, rescind, ...);
 //! * [`guid`]: GUIDs in VMBus byte order and the service class GUIDs;
 //! * [`xs_fastpath`] and [`guest_memory`]: the XStore fastpath's ioctl, VSP messages and
@@ -29,11 +30,13 @@ pub mod fcopy;
 pub mod guest_memory;
 pub mod guid;
 pub mod ic;
+pub mod kvp;
 pub mod lguest;
 pub mod negotiate;
 pub mod packet;
 pub mod stream;
 pub mod utf16;
+pub mod vss;
 pub mod xs_fastpath;
 
 pub use error::WireError;
