@@ -12,6 +12,10 @@
 //! * [`ic`] is what every Hyper-V util service shares: IC version negotiation and replies.
 //! * [`fcopy`] is the fcopy host service: negotiate, START_FILE_COPY, WRITE_TO_FILE fragments,
 //!   COMPLETE_FCOPY or CANCEL_FCOPY, one transaction at a time; and its `fakehost copy`.
+//! * [`kvp`] is the KVP host: GET/SET/DELETE/ENUMERATE on the guest's pools, GET_IP_INFO, and
+//!   the host's own items pushed into pool 3 once the guest's daemon registered; `fakehost kvp`.
+//! * [`vss`] is the VSS host: FREEZE/THAW/HOT_BACKUP, refusing to freeze the machine it runs
+//!   on; `fakehost vss`.
 //! * [`xs`] is the XStore fastpath host: GPA-direct requests served from a blob store
 //!   (`object_store`: a local directory, Azure, S3), with `fakehost xs` and `fakehost blobs`.
 //! * [`control`] is the JSON-lines control socket the `fakehost` CLI talks to; [`cli`] and
@@ -25,11 +29,13 @@ pub mod cli;
 pub mod control;
 pub mod fcopy;
 pub mod ic;
+pub mod kvp;
 pub mod lguest;
 pub mod progress;
 pub mod serve;
 pub mod service;
 pub mod sockets;
+pub mod vss;
 pub mod xs;
 
 #[cfg(test)]

@@ -21,15 +21,21 @@ use vmbus::address::BusAddress;
 use crate::bus::{self, Bus, Registered};
 use crate::control::server::{self as control_server, Control};
 use crate::fcopy::FcopyHost;
+use crate::kvp::KvpHost;
 use crate::lguest::LguestHost;
 use crate::service::{HostService, Offer, ServiceClass, ServiceCli, ServiceConfig, UnknownService};
 use crate::sockets::{self, SocketError};
+use crate::vss::VssHost;
 use crate::xs::XsHost;
 
 /// The device classes this host serves, in the order offers are sent.
 pub const SERVICES: &[ServiceRow] = &[
     // Hyper-V guest file copy: /dev/vmbus/hv_fcopy and hv_fcopy_daemon.
     ServiceRow::of::<FcopyHost>(),
+    // Hyper-V key-value pair exchange: /dev/vmbus/hv_kvp and hv_kvp_daemon.
+    ServiceRow::of::<KvpHost>(),
+    // Hyper-V live backup: /dev/vmbus/hv_vss and hv_vss_daemon (freeze, thaw, check).
+    ServiceRow::of::<VssHost>(),
     // Azure XStore fastpath: /dev/azure_xs_fastpath, blobs in --blob-root/--blob-store.
     ServiceRow::of::<XsHost>(),
     // lguest Guests for /dev/lguest launchers: each runs the --lguest-guest script.

@@ -11,7 +11,9 @@ pub mod delayed_work;
 pub mod fcopy;
 pub mod hv_util;
 pub mod hvutil_transport;
+pub mod kvp;
 pub mod lguest;
+pub mod vss;
 pub mod xs_fastpath;
 
 use vmbus::guid::Guid;
@@ -29,6 +31,27 @@ pub static DRIVER_TABLE: &[DriverRow] = &[
         profiles: hv_util::KERNEL_PROFILES,
         serve_args: NO_SERVE_ARGS,
         probe: fcopy::probe,
+    },
+    DriverRow {
+        name: "kvp",
+        node: kvp::DEVICE_NAME,
+        about:
+            "Hyper-V key-value exchange (pools, guest info, IP injection), served to hv_kvp_daemon",
+        class: BusClass::Vmbus(Guid::KVP),
+        ring_bytes: hv_util::UTIL_RING_BYTES,
+        profiles: hv_util::KERNEL_PROFILES,
+        serve_args: NO_SERVE_ARGS,
+        probe: kvp::probe,
+    },
+    DriverRow {
+        name: "vss",
+        node: vss::DEVICE_NAME,
+        about: "Hyper-V volume snapshot (freeze/thaw for host backups), served to hv_vss_daemon",
+        class: BusClass::Vmbus(Guid::VSS),
+        ring_bytes: hv_util::UTIL_RING_BYTES,
+        profiles: hv_util::KERNEL_PROFILES,
+        serve_args: NO_SERVE_ARGS,
+        probe: vss::probe,
     },
     DriverRow {
         name: "xs_fastpath",

@@ -49,7 +49,38 @@ pub struct ChannelLink {
     pub id: u64,
     /// The channel's child_relid.
     pub relid: u32,
+    /// Who is on the guest's end of the stream (SO_PEERCRED when it was attached): cusedev
+    /// itself on a bare machine, the vhost-user-vsock backend for a guest in a VM. `None` if
+    /// the socket could not tell. VSS uses it to refuse freezing the machine it runs on.
+    pub peer: Option<PeerCred>,
     writer: Arc<FrameWriter>,
+}
+
+/// The credentials of the process on the other end of a Unix stream (SO_PEERCRED), as the
+/// kernel recorded them at connect time. `pid` is 0 when that process is in a PID namespace
+/// ours cannot see.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerCred {
+    /// Its process id, in our PID namespace.
+    pub pid: i32,
+    /// Its user id.
+    pub uid: u32,
+    /// Its group id.
+    pub gid: u32,
+}
+
+impl PeerCred {
+    /// The peer of `stream`, if the socket tells.
+    pub fn of(stream: &UnixStream) -> Option<PeerCred> {
+        use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
+        getsockopt(stream, PeerCredentials)
+            .ok()
+            .map(|cred| PeerCred {
+                pid: cred.pid(),
+                uid: cred.uid(),
+                gid: cred.gid(),
+            })
+    }
 }
 
 impl ChannelLink {
@@ -58,6 +89,7 @@ impl ChannelLink {
         ChannelLink {
             id,
             relid,
+            peer: PeerCred::of(&stream),
             writer: Arc::new(FrameWriter::new(stream)),
         }
     }
