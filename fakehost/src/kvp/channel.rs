@@ -41,9 +41,11 @@ pub struct ChannelConfig {
     pub versions: IcVersions,
     /// The icmsgtype of every request and answer after NEGOTIATE.
     pub msgtype: u16,
-    /// Why a negotiation may stay unanswered, for the error and status lines ("waiting for the
+    /// What an unanswered negotiation means, for the error and status lines ("waiting for the
     /// guest's KVP daemon to register").
     pub unanswered_hint: &'static str,
+    /// Why, for the error only ("the hv_kvp driver answers NEGOTIATE only once ...").
+    pub unanswered_why: &'static str,
 }
 
 /// Why a channel is not ready for a request.
@@ -62,12 +64,17 @@ pub enum ReadyError {
         waited: Duration,
     },
     /// NEGOTIATE is still unanswered.
-    #[error("{hint}: the {service} version negotiation sent {} ago is still unanswered", secs(*age))]
+    #[error(
+        "{hint}: the {service} version negotiation sent {} ago is still unanswered ({why})",
+        secs(*age)
+    )]
     Unanswered {
         /// The service's label.
         service: &'static str,
         /// [`ChannelConfig::unanswered_hint`].
         hint: &'static str,
+        /// [`ChannelConfig::unanswered_why`].
+        why: &'static str,
         /// Since when NEGOTIATE waits.
         age: Duration,
     },
@@ -441,6 +448,7 @@ impl IcChannel {
                     Some(l) => ReadyError::Unanswered {
                         service: self.label(),
                         hint: self.config.unanswered_hint,
+                        why: self.config.unanswered_why,
                         age: round_secs(l.since.elapsed()),
                     },
                 });

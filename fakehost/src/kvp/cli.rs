@@ -86,7 +86,12 @@ enum KvpSubcommand {
         #[arg(long)]
         json: bool,
     },
-    /// Print the value of KEY (exit 1 if the pool has no such record)
+    /// Print the value of KEY (exit 1 if the pool has no such record).
+    ///
+    /// What is printed is what the guest's driver answered. The 6.1 hv_kvp driver reads a GET
+    /// value out of its daemon's reply 4 bytes too far (at the ENUMERATE layout), so through a
+    /// Linux 6.1 guest the first 4 bytes of every value are lost ("bluegreen" reads "green");
+    /// `fakehost kvp list` shows whole values.
     Get {
         #[command(flatten)]
         pool: PoolArg,

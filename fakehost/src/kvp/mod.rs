@@ -65,8 +65,9 @@ pub const VERSIONS: IcVersions = IcVersions {
 pub const CHANNEL: ChannelConfig = ChannelConfig {
     versions: VERSIONS,
     msgtype: msgtype::KVPEXCHANGE,
-    unanswered_hint: "waiting for the guest's KVP daemon to register (the hv_kvp driver answers \
-                      NEGOTIATE only once hv_kvp_daemon has opened /dev/vmbus/hv_kvp)",
+    unanswered_hint: "waiting for the guest's KVP daemon to register",
+    unanswered_why: "the hv_kvp driver answers NEGOTIATE only once hv_kvp_daemon has opened \
+                     /dev/vmbus/hv_kvp",
 };
 
 /// Where the guest's network adapters are listed when the guest is this machine.

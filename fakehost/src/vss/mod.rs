@@ -57,8 +57,8 @@ pub const VERSIONS: IcVersions = IcVersions {
 pub const CHANNEL: ChannelConfig = ChannelConfig {
     versions: VERSIONS,
     msgtype: msgtype::VSS,
-    unanswered_hint: "the guest's hv_vss driver has not answered (6.1 answers at once, daemon \
-                      or not)",
+    unanswered_hint: "the guest's hv_vss driver has not answered",
+    unanswered_why: "the 6.1 driver answers at once, daemon or not",
 };
 
 /// The guest driver's own limit for a FREEZE (`VSS_FREEZE_TIMEOUT`, hv_snapshot.c).
