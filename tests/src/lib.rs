@@ -9,6 +9,7 @@ pub mod blocking;
 pub mod dev;
 pub mod fcopy_guest;
 pub mod harness;
+pub mod kvp;
 pub mod lguest_launcher;
 pub mod qemu;
 pub mod syscalls;

@@ -175,6 +175,81 @@ impl GuestImage {
     }
 }
 
+impl GuestImage {
+    /// The unpacked kernel package's module tree (`build-guest.sh` leaves it next to the
+    /// vmlinux, with the modules.dep its `depmod -b` made): `<out>/kernel-KVER/lib/modules/KVER`.
+    /// The guest sees it over 9p, since its root is this host's `/`.
+    pub fn modules_dir(&self) -> PathBuf {
+        let out = self.kernel.parent().unwrap_or(Path::new("."));
+        out.join(format!("kernel-{}", self.kver))
+            .join("lib/modules")
+            .join(&self.kver)
+    }
+
+    /// The module files that give the guest `names` (e.g. `virtio_blk`, `ext4`), each after
+    /// its dependencies (from modules.dep), leaving out what the initramfs already loads. For
+    /// a guest command `insmod` of each in order: the guest's own modprobe would look in
+    /// `/lib/modules/KVER` of this host, which has no such kernel. Soft dependencies
+    /// (`softdep pre: crc32c` of ext4) are not in modules.dep: name them.
+    pub fn module_files(&self, names: &[&str]) -> io::Result<Vec<PathBuf>> {
+        let dir = self.modules_dir();
+        let dep = fs::read_to_string(dir.join("modules.dep"))
+            .map_err(|e| context(e, format!("cannot read {}/modules.dep", dir.display())))?;
+        let canonical = |file: &str| -> String {
+            let base = file.rsplit('/').next().unwrap_or(file);
+            base.strip_suffix(".ko").unwrap_or(base).replace('-', "_")
+        };
+        let mut path_of = std::collections::HashMap::new();
+        let mut deps_of = std::collections::HashMap::new();
+        for line in dep.lines() {
+            let Some((rel, deps)) = line.split_once(':') else {
+                continue;
+            };
+            path_of.insert(canonical(rel), rel.to_string());
+            deps_of.insert(
+                rel.to_string(),
+                deps.split_whitespace()
+                    .map(str::to_string)
+                    .collect::<Vec<_>>(),
+            );
+        }
+        let out = self.kernel.parent().unwrap_or(Path::new("."));
+        let loaded: Vec<String> = fs::read_to_string(out.join("initramfs.modules"))
+            .unwrap_or_default()
+            .lines()
+            .map(canonical)
+            .collect();
+        fn visit(
+            rel: &str,
+            deps_of: &std::collections::HashMap<String, Vec<String>>,
+            order: &mut Vec<String>,
+        ) {
+            if order.iter().any(|r| r == rel) {
+                return;
+            }
+            for dep in deps_of.get(rel).into_iter().flatten() {
+                visit(dep, deps_of, order);
+            }
+            order.push(rel.to_string());
+        }
+        let mut order = Vec::new();
+        for name in names {
+            let rel = path_of.get(&name.replace('-', "_")).ok_or_else(|| {
+                io::Error::other(format!(
+                    "module {name} is not in {}/modules.dep (built in?)",
+                    dir.display()
+                ))
+            })?;
+            visit(rel, &deps_of, &mut order);
+        }
+        Ok(order
+            .into_iter()
+            .filter(|rel| !loaded.contains(&canonical(rel)))
+            .map(|rel| dir.join(rel))
+            .collect())
+    }
+}
+
 /// How to start a guest. Build with `GuestConfig::named("my-test")` and struct update syntax.
 #[derive(Clone, Debug)]
 pub struct GuestConfig {
