@@ -118,10 +118,12 @@ impl Scene {
         out.stdout
     }
 
-    /// `fakehost kvp get --pool P KEY`: the value printed (without the line's newline).
-    fn get(&self, pool: u8, key: &str) -> String {
+    /// `fakehost kvp get --pool P KEY [EXTRA]`: the value printed (without the line's newline).
+    fn get(&self, pool: u8, key: &str, extra: &[&str]) -> String {
         let pool = pool.to_string();
-        let out = self.kvp_ok(&["get", "--pool", &pool, key]);
+        let mut args = vec!["get", "--pool", &pool, key];
+        args.extend_from_slice(extra);
+        let out = self.kvp_ok(&args);
         out.strip_suffix('\n').unwrap_or(&out).to_string()
     }
 
@@ -237,7 +239,8 @@ fn host_records_in_pool_3_and_the_guests_intrinsic_data_in_pool_2_read_back_thro
 // * kvp_respond_to_host() would anyway read a GET value at the ENUMERATE offset, 4 bytes in.
 // So a GET of a key that exists succeeds with an empty value, one that does not exist fails
 // with HV_S_CONT, and what a key holds is read back by ENUMERATE (`list`), which the daemon
-// answers with the whole record. The test asserts exactly that, so a change to either side
+// answers with the whole record (and `fakehost kvp get`, which looks the key up that way;
+// `get --raw` sends the GET). The test asserts exactly that, so a change to either side
 // shows.
 
 #[test]
@@ -294,21 +297,25 @@ fn set_values_read_back_by_list_get_of_a_set_key_is_empty_as_on_linux_6_1_and_a_
     let one = s.kvp_ok(&["enumerate", "--pool", "0", "2"]);
     assert_eq!(one, "Count=4294967295\n");
 
-    // GET of keys that exist: success, empty value (see above).
-    for key in ["Greeting", "Long", "Count", "Big"] {
-        assert_eq!(s.get(0, key), "", "GET {key} on Linux 6.1");
+    // KVP_OP_GET of keys that exist (`get --raw`): success, empty value (see above). Plain
+    // `get` finds the value by enumerating, as a Hyper-V host reads a guest's items.
+    for (key, value) in &expected[..4] {
+        assert_eq!(s.get(0, key, &["--raw"]), "", "GET {key} on Linux 6.1");
+        assert_eq!(&s.get(0, key, &[]), value, "get {key} by enumeration");
     }
 
     // DELETE, then the key is gone for GET, DELETE, ENUMERATE and the pool file.
     s.kvp_ok(&["delete", "--pool", "0", "Greeting"]);
     for args in [
-        ["get", "--pool", "0", "Greeting"],
-        ["delete", "--pool", "0", "Greeting"],
-        ["get", "--pool", "0", "NeverSet"],
-        ["delete", "--pool", "0", "NeverSet"],
-        ["enumerate", "--pool", "0", "4"],
+        &["get", "--pool", "0", "Greeting"][..],
+        &["get", "--raw", "--pool", "0", "Greeting"],
+        &["delete", "--pool", "0", "Greeting"],
+        &["get", "--pool", "0", "NeverSet"],
+        &["get", "--raw", "--pool", "0", "NeverSet"],
+        &["delete", "--pool", "0", "NeverSet"],
+        &["enumerate", "--pool", "0", "4"],
     ] {
-        let out = s.kvp(&args);
+        let out = s.kvp(args);
         assert_eq!(
             out.code,
             Some(1),

@@ -172,8 +172,14 @@ fn freeze_blocks_a_write_until_thaw_and_vss_survives_twenty_rescinds_in_a_qemu_g
         &host,
         &["kvp", "set", "--pool", "0", "QemuKey", "from the host"],
     );
-    let (code, got) = host.fakehost(&["kvp", "get", "--pool", "0", "QemuKey"]);
+    let (code, got) = host.fakehost(&["kvp", "get", "--raw", "--pool", "0", "QemuKey"]);
     assert_eq!((code, got.as_str()), (Some(0), "\n"), "GET on Linux 6.1");
+    let (code, got) = host.fakehost(&["kvp", "get", "--pool", "0", "QemuKey"]);
+    assert_eq!(
+        (code, got.as_str()),
+        (Some(0), "from the host\n"),
+        "get by enumeration"
+    );
     let (code, got) = host.fakehost(&["kvp", "get", "--pool", "0", "NoSuchKey"]);
     assert_eq!(code, Some(1), "{got}");
     assert!(

@@ -88,15 +88,19 @@ enum KvpSubcommand {
     },
     /// Print the value of KEY (exit 1 if the pool has no such record).
     ///
-    /// What is printed is what the guest's driver answered. The 6.1 hv_kvp driver reads a GET
-    /// value out of its daemon's reply 4 bytes too far (at the ENUMERATE layout), so through a
-    /// Linux 6.1 guest the first 4 bytes of every value are lost ("bluegreen" reads "green");
-    /// `fakehost kvp list` shows whole values.
+    /// The value is found by enumerating the pool, as a Hyper-V host reads a guest's items.
+    /// `--raw` sends one KVP_OP_GET instead and prints what the guest's driver answers: through
+    /// a Linux 6.1 guest that is always an empty value for a key that exists (the 6.1 hv_kvp
+    /// driver forwards no value size, so hv_kvp_daemon copies nothing and answers success; the
+    /// driver would also read the value 4 bytes too far), and HV_S_CONT for one that does not.
     Get {
         #[command(flatten)]
         pool: PoolArg,
         /// The key
         key: String,
+        /// Send KVP_OP_GET itself and print the guest's answer, empty as it is on Linux 6.1
+        #[arg(long)]
+        raw: bool,
         /// Print the raw JSON answer
         #[arg(long)]
         json: bool,
@@ -194,12 +198,18 @@ fn run(matches: &clap::ArgMatches, control: &Path) -> Option<ExitCode> {
                 }
             })
         }
-        KvpSubcommand::Get { pool, key, json } => ask(
+        KvpSubcommand::Get {
+            pool,
+            key,
+            raw,
+            json,
+        } => ask(
             control,
             "kvp get",
             KvpCommand::Get {
                 pool: pool.pool,
                 key,
+                raw,
             },
             json,
             |r| {

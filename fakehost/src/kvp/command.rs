@@ -36,12 +36,15 @@ use crate::service::{CommandContext, CommandError, ServiceClass};
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
 pub enum KvpCommand {
-    /// GET a record's value.
+    /// GET a record's value: by enumerating the pool, or with `raw` one KVP_OP_GET.
     Get {
         /// The pool (0-4).
         pool: u8,
         /// The key.
         key: String,
+        /// Send KVP_OP_GET itself (a Linux 6.1 guest answers it with an empty value).
+        #[serde(default)]
+        raw: bool,
     },
     /// SET a record.
     Set {
@@ -124,7 +127,16 @@ pub(super) fn run(
         ));
     }
     let report: KvpReport = match command {
-        KvpCommand::Get { pool, key } => host.get(pool, &key),
+        KvpCommand::Get {
+            pool,
+            key,
+            raw: true,
+        } => host.get(pool, &key),
+        KvpCommand::Get {
+            pool,
+            key,
+            raw: false,
+        } => host.lookup(pool, &key),
         KvpCommand::Set {
             pool,
             key,

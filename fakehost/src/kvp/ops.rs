@@ -188,7 +188,43 @@ impl KvpHost {
         report
     }
 
-    /// GET `key` from `pool`.
+    /// The value of `key` in `pool`, found by enumerating the pool, as a Hyper-V host reads a
+    /// guest's items (its `GuestExchangeItems` are an enumeration). A KVP GET cannot do it
+    /// through a Linux 6.1 guest: the driver forwards no value size, so `hv_kvp_daemon`
+    /// copies nothing and answers success with an empty value (see [`KvpHost::get`]).
+    /// Not found: a failure with the daemon's end-of-enumeration status, HV_S_CONT.
+    pub fn lookup(&self, pool: u8, key: &str) -> Result<KvpReport, String> {
+        check_pool(pool)?;
+        check_key(key)?;
+        let mut listed = self.list(pool)?;
+        if !listed.ok {
+            return Ok(listed);
+        }
+        let total = listed.records.len();
+        listed.records.retain(|record| record.key == key);
+        listed.records.truncate(1);
+        if listed.records.is_empty() {
+            let mut report = failed(
+                op::ENUMERATE,
+                Some(pool),
+                format!("{key:?}"),
+                Failed {
+                    hresult: Some(HV_S_CONT),
+                    message: format!(
+                        "no such record: the guest's daemon listed {total} records, none of \
+                         them {key:?}, and answered {HV_S_CONT:#010x} after the last"
+                    ),
+                    answered: true,
+                },
+            );
+            report.operation = "lookup".to_owned();
+            return Ok(report);
+        }
+        listed.operation = "lookup".to_owned();
+        Ok(listed)
+    }
+
+    /// GET `key` from `pool`: one KVP_OP_GET, answered as the guest's driver answers it.
     pub fn get(&self, pool: u8, key: &str) -> Result<KvpReport, String> {
         check_pool(pool)?;
         check_key(key)?;
