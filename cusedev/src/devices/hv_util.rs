@@ -1,12 +1,15 @@
-//! What the Hyper-V util drivers (hv_fcopy today; hv_kvp and hv_vss next) share, as
-//! drivers/hv/hv_util.c does for them in the kernel: the ring size `util_probe()` opens every
-//! util channel with, and the kernel version whose drivers we reproduce.
+//! What the Hyper-V util drivers (hv_fcopy, hv_kvp, hv_vss) share, as drivers/hv/hv_util.c
+//! does for them in the kernel: the ring size `util_probe()` opens every util channel with,
+//! the receive buffer it allocates for each, and the kernel version whose drivers we
+//! reproduce.
 //!
 //! The version is one choice for all of them, because in a real guest they come from one
 //! kernel: `--kernel` sets it for every row of the driver table whose profiles are
 //! [`KERNEL_PROFILES`], and `--profile DEVICE=PROFILE` can still pick another for one device.
 //! Read next: the table itself, [`crate::devices::DRIVER_TABLE`], and then a driver that
 //! takes a [`KernelProfile`], [`crate::devices::fcopy`].
+
+use vmbus::ic::set_reply;
 
 use crate::table::{Profile, ProfileSet};
 
@@ -74,6 +77,75 @@ pub const KERNEL_PROFILES: ProfileSet = ProfileSet {
     default: "linux-6.1",
     set_by_kernel_flag: true,
 };
+
+/// The per-channel receive buffer `util_probe()` allocates (4 pages, drivers/hv/hv_util.c).
+pub const RECV_BUFFER_LEN: usize = 4 * 4096;
+
+/// The driver's receive buffer, persistent across packets (see the module docs).
+pub(crate) struct RecvBuffer {
+    bytes: Box<[u8]>,
+}
+
+impl RecvBuffer {
+    pub(crate) fn new() -> RecvBuffer {
+        RecvBuffer {
+            bytes: vec![0; RECV_BUFFER_LEN].into_boxed_slice(),
+        }
+    }
+
+    /// `vmbus_recvpacket()` into the buffer: the payload lands at the start, the rest keeps
+    /// what earlier packets left there. Returns the length copied (the kernel's `recvlen`).
+    pub(crate) fn fill(&mut self, payload: &[u8]) -> usize {
+        // The channel never hands out more than RECV_LIMIT bytes; clamp anyway rather than
+        // trust it with our memory.
+        let len = payload.len().min(self.bytes.len());
+        for (slot, byte) in self.bytes.iter_mut().zip(payload) {
+            *slot = *byte;
+        }
+        len
+    }
+
+    /// The whole buffer, for code that (like the kernel) works on it in place.
+    pub(crate) fn as_mut_slice(&mut self) -> &mut [u8] {
+        &mut self.bytes
+    }
+
+    /// `len` bytes from offset `from`. Bytes past the end of the 16 KiB buffer read as zero:
+    /// the kernel would read past its allocation there (only reachable through the seed's
+    /// oversized-packet path); we cannot reproduce foreign heap memory.
+    pub(crate) fn bytes(&self, from: usize, len: usize) -> Vec<u8> {
+        let mut out = vec![0; len];
+        if let Some(available) = self.bytes.get(from..) {
+            for (slot, byte) in out.iter_mut().zip(available) {
+                *slot = *byte;
+            }
+        }
+        out
+    }
+
+    pub(crate) fn u16_at(&self, at: usize) -> u16 {
+        let b = self.bytes(at, 2);
+        u16::from_le_bytes([b[0], b[1]])
+    }
+
+    pub(crate) fn u32_at(&self, at: usize) -> u32 {
+        let b = self.bytes(at, 4);
+        u32::from_le_bytes([b[0], b[1], b[2], b[3]])
+    }
+
+    /// `icmsg_hdr.icmsgtype` of the packet in the buffer (payload offset 8 + 4).
+    pub(crate) fn icmsgtype(&self) -> u16 {
+        self.u16_at(vmbus::ic::PIPE_HDR_LEN + 4)
+    }
+
+    /// The util drivers' `*_respond_to_host()`: writes `status` and icflags TRANSACTION|RESPONSE into the IC
+    /// header in the buffer and returns the first `len` bytes, which are sent back.
+    pub(crate) fn reply(&mut self, len: usize, status: u32) -> Vec<u8> {
+        // The buffer is always longer than the 28-byte header, so this cannot fail.
+        let _ = set_reply(&mut self.bytes, status);
+        self.bytes(0, len)
+    }
+}
 
 #[cfg(test)]
 mod tests {

@@ -40,7 +40,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use vmbus::fcopy::{parse_start, START_FCOPY_LEN};
-use vmbus::ic::{set_reply, ICMSG_HDR_LEN};
+use vmbus::ic::ICMSG_HDR_LEN;
 use vmbus::utf16::Overflow;
 use zerocopy::IntoBytes;
 
@@ -54,8 +54,8 @@ pub const DEVICE_NAME: &str = "vmbus/hv_fcopy";
 /// `PAGE_SIZE` / `HV_HYP_PAGE_SIZE` on x86_64.
 const PAGE_SIZE: usize = 4096;
 
-/// The per-channel receive buffer `util_probe()` allocates (4 pages, drivers/hv/hv_util.c).
-pub const RECV_BUFFER_LEN: usize = 4 * PAGE_SIZE;
+pub(crate) use crate::devices::hv_util::RecvBuffer;
+pub use crate::devices::hv_util::RECV_BUFFER_LEN;
 
 /// The length limit hv_fcopy passes to `vmbus_recvpacket()` (2 pages, both eras). A larger
 /// host packet is refused with ENOBUFS and stays in the ring.
@@ -112,74 +112,11 @@ impl HostSide {
     }
 }
 
-/// The driver's receive buffer, persistent across packets (see the module docs).
-pub(crate) struct RecvBuffer {
-    bytes: Box<[u8]>,
-}
-
+/// fcopy's reading of the util receive buffer.
 impl RecvBuffer {
-    pub(crate) fn new() -> RecvBuffer {
-        RecvBuffer {
-            bytes: vec![0; RECV_BUFFER_LEN].into_boxed_slice(),
-        }
-    }
-
-    /// `vmbus_recvpacket()` into the buffer: the payload lands at the start, the rest keeps
-    /// what earlier packets left there. Returns the length copied (the kernel's `recvlen`).
-    pub(crate) fn fill(&mut self, payload: &[u8]) -> usize {
-        // The channel never hands out more than RECV_LIMIT bytes; clamp anyway rather than
-        // trust it with our memory.
-        let len = payload.len().min(self.bytes.len());
-        for (slot, byte) in self.bytes.iter_mut().zip(payload) {
-            *slot = *byte;
-        }
-        len
-    }
-
-    /// The whole buffer, for code that (like the kernel) works on it in place.
-    pub(crate) fn as_mut_slice(&mut self) -> &mut [u8] {
-        &mut self.bytes
-    }
-
-    /// `len` bytes from offset `from`. Bytes past the end of the 16 KiB buffer read as zero:
-    /// the kernel would read past its allocation there (only reachable through the seed's
-    /// oversized-packet path); we cannot reproduce foreign heap memory.
-    pub(crate) fn bytes(&self, from: usize, len: usize) -> Vec<u8> {
-        let mut out = vec![0; len];
-        if let Some(available) = self.bytes.get(from..) {
-            for (slot, byte) in out.iter_mut().zip(available) {
-                *slot = *byte;
-            }
-        }
-        out
-    }
-
-    fn u16_at(&self, at: usize) -> u16 {
-        let b = self.bytes(at, 2);
-        u16::from_le_bytes([b[0], b[1]])
-    }
-
-    fn u32_at(&self, at: usize) -> u32 {
-        let b = self.bytes(at, 4);
-        u32::from_le_bytes([b[0], b[1], b[2], b[3]])
-    }
-
-    /// `icmsg_hdr.icmsgtype` of the packet in the buffer (payload offset 8 + 4).
-    pub(crate) fn icmsgtype(&self) -> u16 {
-        self.u16_at(vmbus::ic::PIPE_HDR_LEN + 4)
-    }
-
     /// `hv_fcopy_hdr.operation` of the packet in the buffer (payload offset 28).
     pub(crate) fn operation(&self) -> u32 {
         self.u32_at(ICMSG_HDR_LEN)
-    }
-
-    /// `fcopy_respond_to_host()`: writes `status` and icflags TRANSACTION|RESPONSE into the IC
-    /// header in the buffer and returns the first `len` bytes, which are sent back.
-    pub(crate) fn reply(&mut self, len: usize, status: u32) -> Vec<u8> {
-        // The buffer is always longer than the 28-byte header, so this cannot fail.
-        let _ = set_reply(&mut self.bytes, status);
-        self.bytes(0, len)
     }
 
     /// The 1088-byte message the daemon gets for a START (`fcopy_send_data()`, both eras): a

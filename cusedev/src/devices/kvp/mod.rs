@@ -51,8 +51,8 @@ use vmbus::negotiate::{prep_negotiate_resp, KVP_FW_VERSIONS, KVP_SRV_VERSIONS};
 use crate::bus::channel::{ChannelDriver, HostChannel};
 use crate::device::{Caller, Device, Errno, Handle, PollWaker, ReadReply, WriteReply};
 use crate::devices::delayed_work::DelayedWork;
-use crate::devices::fcopy::RecvBuffer;
 use crate::devices::hv_util::KernelProfile;
+use crate::devices::hv_util::RecvBuffer;
 use crate::devices::hvutil_transport::{
     HvutilDeviceState as State, HvutilService, HvutilTransport, Shared, Transport,
 };

@@ -50,8 +50,8 @@ use vmbus::vss::{op, VssMsg, HV_E_FAIL, MSG_LEN, VSS_HBU_NO_AUTO_RECOVERY};
 use crate::bus::channel::{ChannelDriver, HostChannel};
 use crate::device::{Caller, Device, Errno, Handle, PollWaker, ReadReply, WriteReply};
 use crate::devices::delayed_work::DelayedWork;
-use crate::devices::fcopy::RecvBuffer;
 use crate::devices::hv_util::KernelProfile;
+use crate::devices::hv_util::RecvBuffer;
 use crate::devices::hvutil_transport::{
     HvutilDeviceState as State, HvutilService, HvutilTransport, Shared, Transport,
 };
