@@ -337,6 +337,61 @@ fn set_values_read_back_by_list_get_of_a_set_key_is_empty_as_on_linux_6_1_and_a_
 
 // ------------------------------------------------------------------ 3. many entries
 
+/// This machine's first adapter with a MAC and an IPv4 address: (name, MAC, address).
+fn an_adapter_with_ipv4() -> Option<(String, String, String)> {
+    let addrs = nix::ifaddrs::getifaddrs().ok()?;
+    let mut ipv4 = std::collections::BTreeMap::new();
+    for ifa in addrs {
+        if let Some(sin) = ifa.address.as_ref().and_then(|a| a.as_sockaddr_in()) {
+            ipv4.entry(ifa.interface_name.clone())
+                .or_insert_with(|| sin.ip().to_string());
+        }
+    }
+    ipv4.into_iter().find_map(|(name, addr)| {
+        let mac = std::fs::read_to_string(format!("/sys/class/net/{name}/address")).ok()?;
+        let mac = mac.trim().to_uppercase();
+        (name != "lo" && mac != "00:00:00:00:00:00").then_some((name, mac, addr))
+    })
+}
+
+#[test]
+fn ip_info_of_an_adapter_is_what_the_daemon_finds_on_it_and_an_unknown_mac_is_refused() {
+    let s = scene("kvp-ip");
+    let _daemon = s.start_daemon();
+    // The guest is this machine: the daemon reads this machine's interfaces (getifaddrs) and
+    // runs Debian's hv_get_dns_info / hv_get_dhcp_info.
+    let (name, mac, addr) = an_adapter_with_ipv4().expect("this machine has an IPv4 adapter");
+    let shown = s.kvp_ok(&["ip", "--adapter", &mac, "--family", "ipv4"]);
+    assert!(
+        shown.contains(&format!("adapter {mac}")) && shown.contains(&addr),
+        "GET_IP_INFO for {name} ({mac}) shows {addr}: {shown}"
+    );
+    assert!(shown.contains("DHCPEnabled"), "{shown}");
+    // hv_get_dns_info reads /etc/resolv.conf.
+    let resolv = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+    if let Some(dns) = resolv
+        .lines()
+        .find_map(|l| l.strip_prefix("nameserver").map(str::trim))
+        .filter(|dns| dns.contains('.'))
+    {
+        let line = shown
+            .lines()
+            .find(|l| l.contains("DNSServers"))
+            .unwrap_or("");
+        assert!(
+            line.contains(dns),
+            "DNS {dns} from /etc/resolv.conf: {shown}"
+        );
+    }
+    let unknown = s.kvp(&["ip", "--adapter", "02:00:00:00:00:99"]);
+    assert_eq!(unknown.code, Some(1), "{}", unknown.all);
+    assert!(
+        unknown.all.contains("0x80004005"),
+        "HV_E_FAIL: {}",
+        unknown.all
+    );
+}
+
 #[test]
 fn two_hundred_fifty_entries_set_twice_all_read_back_with_the_second_values_and_the_daemon_lives() {
     let s = scene("kvp-many");
