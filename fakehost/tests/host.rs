@@ -76,6 +76,23 @@ impl Fixture {
         path
     }
 
+    /// A copy that does not wait for a guest (`fakehost copy` without `--wait`).
+    fn copy_no_wait(&self, src: &Path) -> Response {
+        let file = File::open(src).unwrap();
+        let request = FcopyCommand::Copy {
+            file_name: "a".into(),
+            guest_dir: "/srv/".into(),
+            overwrite: false,
+            create_path: false,
+            wait_secs: 0,
+        }
+        .into_request();
+        let mut client = Client::connect(&self.control).unwrap();
+        client.send(&request, Some(file.as_fd())).unwrap();
+        drop(file);
+        client.final_response().unwrap()
+    }
+
     /// Runs a copy through the control socket in a thread; join it for the final answer.
     fn copy(
         &self,
@@ -92,6 +109,8 @@ impl Fixture {
             guest_dir: guest_dir.into(),
             overwrite,
             create_path,
+            // Some tests connect their guest after asking for the copy.
+            wait_secs: 30,
         }
         .into_request();
         thread::spawn(move || {
@@ -517,6 +536,33 @@ fn control_stream_gone_fails_the_copy_although_the_channel_stream_is_open() {
 }
 
 #[test]
+fn with_no_guest_a_copy_fails_at_once_and_with_wait_it_waits_for_one() {
+    // A step timeout long enough that waiting for it would show.
+    let fx = Fixture::start("noguest", Duration::from_secs(120));
+    let src = fx.source("a", b"abc");
+    let started = std::time::Instant::now();
+    let failed = report(fx.copy_no_wait(&src));
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert_eq!(failed.step, Some(Step::ChannelSetup));
+    let error = failed.error.unwrap();
+    assert!(
+        error.starts_with("no guest has the fcopy channel open:") && error.contains("--wait"),
+        "{error}"
+    );
+    // With --wait the copy waits for the guest that comes along.
+    let copy = fx.copy(&src, "a", "/srv/", false, false);
+    let mut guest = Guest::connect_offered(&fx.bus);
+    guest.open_fcopy();
+    serve_one_copy(&guest);
+    let done = report(copy.join().unwrap());
+    assert!(done.ok, "{done:?}");
+}
+
+#[test]
 fn refused_negotiation_fails_the_copy_without_waiting() {
     let fx = Fixture::start("refused", Duration::from_secs(300));
     let src = fx.source("a", b"x");
@@ -793,6 +839,7 @@ fn copy_request_without_descriptor_is_refused() {
             guest_dir: "/srv".into(),
             overwrite: false,
             create_path: false,
+            wait_secs: 0,
         }
         .into_request(),
     );
@@ -975,6 +1022,7 @@ fn client_going_away_cancels_the_copy_between_fragments() {
                 guest_dir: "/srv/".into(),
                 overwrite: false,
                 create_path: false,
+                wait_secs: 0,
             }
             .into_request(),
             Some(file.as_fd()),

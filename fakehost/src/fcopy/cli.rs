@@ -52,6 +52,11 @@ enum FcopyCli {
         /// 0x80070050 file exists
         #[arg(long)]
         overwrite: bool,
+        /// If no guest has the fcopy channel open, wait up to SECS for one (for scripts that
+        /// start both sides together); without it the copy fails at once, as Hyper-V does
+        /// when the guest's service is not running
+        #[arg(long, value_name = "SECS", default_value_t = 0)]
+        wait: u64,
     },
 }
 
@@ -63,13 +68,14 @@ fn run(matches: &clap::ArgMatches, control: &Path) -> Option<ExitCode> {
             name,
             create_path,
             overwrite,
+            wait,
         } => copy(
             control,
             &src,
             &guest_dir,
             name.as_deref(),
-            create_path,
-            overwrite,
+            (create_path, overwrite),
+            wait,
         ),
     })
 }
@@ -79,8 +85,8 @@ fn copy(
     src: &Path,
     guest_dir: &str,
     name: Option<&str>,
-    create_path: bool,
-    overwrite: bool,
+    (create_path, overwrite): (bool, bool),
+    wait_secs: u64,
 ) -> ExitCode {
     let file_name = match names::guest_file_name(src, name) {
         Ok(name) => name,
@@ -118,6 +124,7 @@ fn copy(
         guest_dir: path_name.clone(),
         overwrite,
         create_path,
+        wait_secs,
     }
     .into_request();
     if let Err(e) = client.send(&request, Some(file.as_fd())) {

@@ -36,6 +36,10 @@ pub enum FcopyCommand {
         /// Create missing directories (CREATE_PATH).
         #[serde(default)]
         create_path: bool,
+        /// How long to wait for a guest to open the fcopy channel when none has; 0 (the
+        /// default) fails at once, as Hyper-V does when the guest's service is not running.
+        #[serde(default)]
+        wait_secs: u64,
     },
 }
 
@@ -62,6 +66,7 @@ pub(super) fn run(
             guest_dir,
             overwrite,
             create_path,
+            wait_secs,
         } => {
             let flags =
                 if overwrite { OVER_WRITE } else { 0 } | if create_path { CREATE_PATH } else { 0 };
@@ -70,8 +75,9 @@ pub(super) fn run(
                 fds,
                 progress,
             } = ctx;
-            let request = prepare_copy(offered, fds, file_name, &guest_dir, flags)
+            let mut request = prepare_copy(offered, fds, file_name, &guest_dir, flags)
                 .map_err(CommandError::Refused)?;
+            request.wait_for_channel = std::time::Duration::from_secs(wait_secs);
             let report = host.copy(request, progress);
             serde_json::to_value(report).map_err(|e| CommandError::Refused(e.to_string()))
         }
@@ -114,6 +120,7 @@ fn prepare_copy(
         flags,
         source,
         size: meta.len(),
+        wait_for_channel: std::time::Duration::ZERO,
     })
 }
 
@@ -128,6 +135,7 @@ mod tests {
             guest_dir: "/srv/incoming/".into(),
             overwrite: false,
             create_path: true,
+            wait_secs: 0,
         }
         .into_request();
         let line = String::from_utf8(req.to_line()).unwrap();
@@ -135,7 +143,7 @@ mod tests {
             line,
             "{\"op\":\"service\",\"service\":\"fcopy\",\"command\":{\"create_path\":true,\
              \"file_name\":\"big.iso\",\"guest_dir\":\"/srv/incoming/\",\"op\":\"copy\",\
-             \"overwrite\":false}}\n"
+             \"overwrite\":false,\"wait_secs\":0}}\n"
         );
         assert_eq!(
             serde_json::from_str::<Request>(line.trim_end()).unwrap(),
@@ -153,7 +161,8 @@ mod tests {
                 file_name: "a".into(),
                 guest_dir: "/x".into(),
                 overwrite: false,
-                create_path: false
+                create_path: false,
+                wait_secs: 0
             }
         );
     }

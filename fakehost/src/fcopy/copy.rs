@@ -28,11 +28,12 @@ pub enum TxnError {
 /// Why the channel is not ready for a copy.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ReadyError {
-    /// No guest opened the fcopy channel in time.
+    /// No guest has the fcopy channel open (after waiting this long, if asked to).
     #[error(
-        "the fcopy channel was not opened within {}: is a guest (cusedev) connected to this \
-         host and its fcopy device up?",
-        secs(*.0)
+        "no guest has the fcopy channel open{}: is a guest (cusedev) connected to this host, \
+         with its fcopy device up? (Hyper-V fails at once when the guest's service is not \
+         running; `fakehost copy --wait SECS` waits for one)",
+        if .0.is_zero() { String::new() } else { format!(" after waiting {}", secs(*.0)) }
     )]
     NoChannel(Duration),
     /// The channel is open but NEGOTIATE went unanswered.
@@ -69,6 +70,9 @@ pub struct CopyRequest {
     pub source: File,
     /// Bytes to copy (the source's size when the request arrived).
     pub size: u64,
+    /// How long to wait for a guest to open the channel if none has (`--wait`); zero fails
+    /// at once.
+    pub wait_for_channel: Duration,
 }
 
 /// The step a copy was at; names as in the protocol.
@@ -213,7 +217,7 @@ impl FcopyHost {
         let start = wire::encode_start(&req.file_name, &req.path_name, req.flags, req.size);
         let first = match start {
             Ok(start) => {
-                if let Err(e) = self.wait_ready() {
+                if let Err(e) = self.wait_ready(req.wait_for_channel) {
                     return (Err((Step::ChannelSetup, Failure::Ready(e))), 0);
                 }
                 Ok(start)
@@ -320,23 +324,30 @@ impl FcopyHost {
         }
     }
 
-    /// Waits until the channel is attached and negotiated, at most one step timeout.
-    fn wait_ready(&self) -> Result<(), ReadyError> {
+    /// Waits until the channel is attached and negotiated: for a guest to open it at most
+    /// `wait_for_channel` (none: fail at once), then for the negotiation at most one step
+    /// timeout from when the channel was there.
+    fn wait_ready(&self, wait_for_channel: Duration) -> Result<(), ReadyError> {
         use crate::ic::Negotiation;
         let timeout = self.step_timeout;
-        let deadline = Instant::now() + timeout;
+        let mut deadline = Instant::now() + wait_for_channel;
+        let mut had_channel = false;
         let mut state = self.lock();
         loop {
             let negotiation = state.link.as_ref().map(|l| l.pipe.negotiation().clone());
             match negotiation {
                 Some(Negotiation::Agreed { .. }) => return Ok(()),
                 Some(Negotiation::Refused { .. }) => return Err(ReadyError::Refused),
+                Some(_) if !had_channel => {
+                    had_channel = true;
+                    deadline = Instant::now() + timeout;
+                }
                 _ => {}
             }
             let now = Instant::now();
             if now >= deadline {
                 return Err(match negotiation {
-                    None => ReadyError::NoChannel(timeout),
+                    None => ReadyError::NoChannel(wait_for_channel),
                     Some(_) => ReadyError::NegotiationUnanswered(timeout),
                 });
             }
