@@ -417,3 +417,24 @@ fn sixty_four_launchers_asleep_in_read_do_not_starve_the_writes_that_wake_others
         assert!(sleeper.in_read(), "a sleeper woke up");
     }
 }
+
+#[test]
+fn zero_byte_reads_and_writes_never_reach_the_device() {
+    // docs/lguest.md: the FUSE kernel completes them itself, where the lguest driver would
+    // read the request words anyway (write) or run the Guest (read).
+    let lg = Lg::start("lg-zero", "halt.guest");
+    let dev = Dev::open(lg.node.to_str().unwrap()).expect("open");
+    let memory = vec![0u8; 16 << 12];
+    assert_eq!(request(&dev, &[0, memory.as_ptr() as u64, 16, 0]), Ok(24));
+    // A halted Guest: a read that reached the device would sleep until a signal.
+    assert_eq!(dev.pread(0), Ok(Vec::new()));
+    // SAFETY: a zero-length write reads no memory.
+    let rc = unsafe { libc::pwrite(dev.raw(), std::ptr::null(), 0, 0) };
+    assert_eq!(rc, 0);
+    let log = lg.fakehost(&["lguest", "status", "--json"]);
+    assert!(
+        log.contains("waiting_for_first_read"),
+        "the Guest never ran: {log}"
+    );
+    drop(memory);
+}
