@@ -3,7 +3,7 @@
 CARGO      ?= cargo
 RELEASE    := target/release
 
-.PHONY: all build deps demo qemu-demo test check lint unit e2e bench guest clean
+.PHONY: all build deps demo qemu-demo test check lint unit e2e bench guest fuzz fuzz-replay clean
 
 all: build
 
@@ -31,9 +31,26 @@ qemu-demo: deps guest
 
 ## test: formatting, lints, unit tests, real-syscall tests and end-to-end tests with the real daemon,
 ## on FUSE mounts here and over CUSE + vhost-user-vsock in a QEMU guest.
-test: deps lint guest
+test: deps lint guest fuzz-replay
 	$(CARGO) build --workspace --bins
 	$(CARGO) test --workspace --no-fail-fast
+
+## fuzz-replay (part of test): every fuzz target over its committed corpus (fuzz/corpus), twice:
+## the libFuzzer binaries with -runs=0 (cargo-fuzz --sanitizer none on stable, installed into
+## build/cargo-root) and a plain `cargo test` of the same bodies (fuzz/tests/corpus.rs). A
+## crashing input fails the build. Cold about 75 s, warm a few seconds (docs/fuzzing.md).
+fuzz-replay:
+	$(CARGO) fmt --manifest-path fuzz/Cargo.toml -- --check
+	$(CARGO) clippy --manifest-path fuzz/Cargo.toml --all-targets -- -D warnings
+	$(CARGO) test --manifest-path fuzz/Cargo.toml
+	@tests/scripts/fuzz.sh replay
+
+## fuzz (not part of test): every vmbus fuzz target under libFuzzer for FUZZ_SECONDS (default 60)
+## each, on stable (cargo-fuzz --sanitizer none, installed into build/cargo-root); prints execs,
+## coverage and crashes per target (FUZZ_TARGETS, FUZZ_MAX_LEN, FUZZ_ARGS: tests/scripts/fuzz.sh).
+FUZZ_SECONDS ?= 60
+fuzz:
+	@FUZZ_SECONDS=$(FUZZ_SECONDS) tests/scripts/fuzz.sh
 
 ## check: the daily loop on a warm tree, in a few minutes: fmt, clippy, unit tests and the
 ## real-FUSE tests (the real daemon included), with no apt and no QEMU. Run `make deps` once
