@@ -13,6 +13,10 @@ command -v mount >/dev/null || need+=(mount)
 command -v gcc >/dev/null || need+=(gcc)
 [ "$(dpkg-query -W -f='${Status}' gcc-multilib 2>/dev/null)" = "install ok installed" ] ||
     need+=(gcc-multilib)
+# cargo-fuzz's libFuzzer (make fuzz, and make test's corpus replay) is C++, built by cc.
+command -v g++ >/dev/null || need+=(g++)
+# The KVP/VSS tests mount a scratch directory over /var/lib/hyperv and format a guest disk.
+command -v mkfs.ext4 >/dev/null || need+=(e2fsprogs)
 # The QEMU guest (tests/scripts/guest/build-guest.sh): the emulator, a static busybox for the
 # initramfs, depmod for the unpacked guest kernel's modules, cpio to pack the initramfs and
 # python3's lzma to extract the uncompressed vmlinux.
