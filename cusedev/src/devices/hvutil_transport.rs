@@ -41,7 +41,9 @@ use std::ops::{Deref, DerefMut};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, MutexGuard};
 
-use crate::device::{poll_bits, Errno, Handle, PollWaker, ReadReply, WaitList};
+use crate::device::{
+    poll_bits, Caller, Device, Errno, Handle, PollWaker, ReadReply, WaitList, WriteReply,
+};
 use crate::wait::WaitState;
 
 /// `KMALLOC_MAX_SIZE` on x86_64 6.1 (`1 << (MAX_ORDER + PAGE_SHIFT - 1)` = 4 MiB): the largest
@@ -193,6 +195,60 @@ pub struct Shared<S> {
     pub hvt: Transport<S>,
     /// The service half (fcopy, kvp, vss).
     pub svc: S,
+}
+
+/// A driver whose char device is this transport and nothing else: the 6.1 fcopy, kvp and vss.
+/// Their `file_operations` are the transport's (`hvt_op_*`); all a driver adds is a re-poll of
+/// its channel after a read or a write, when the service asked for one (`hv_poll_channel()`
+/// in the on-read callback of the registration answer, or after the daemon's answer ended a
+/// transaction, so that a host request already in the ring reaches the daemon before its
+/// write returns). [`Device`] is implemented once, here, for every such driver.
+pub(crate) trait HvutilDriver: Send + Sync {
+    /// The service behind the transport.
+    type Service: HvutilService;
+    /// The misc device name (`"vmbus/hv_kvp"`).
+    const NODE: &'static str;
+    /// The transport.
+    fn transport(&self) -> &HvutilTransport<Self::Service>;
+    /// Runs the channel callback again if the service asked for it.
+    fn repoll_if_asked(&self);
+}
+
+impl<D: HvutilDriver> Device for D {
+    fn name(&self) -> &str {
+        D::NODE
+    }
+
+    /// O_NONBLOCK and every other flag are ignored (`hvt_op_open` does not look).
+    fn open(&self, _caller: &Caller, _flags: i32) -> Result<Handle, Errno> {
+        self.transport().open()
+    }
+
+    fn read(&self, handle: Handle, count: u32, _offset: u64, _caller: &Caller, reply: ReadReply) {
+        self.transport().read(handle, count, reply);
+        self.repoll_if_asked();
+    }
+
+    fn write(
+        &self,
+        handle: Handle,
+        data: &[u8],
+        _offset: u64,
+        _caller: &Caller,
+        reply: WriteReply,
+    ) {
+        let result = self.transport().write(handle, data);
+        self.repoll_if_asked();
+        reply.answer(result)
+    }
+
+    fn poll(&self, handle: Handle, waker: Option<PollWaker>) -> u32 {
+        self.transport().poll(handle, waker)
+    }
+
+    fn release(&self, handle: Handle) {
+        self.transport().release(handle)
+    }
 }
 
 /// The transport with its service: the misc device's `file_operations` plus the kernel-side

@@ -37,10 +37,10 @@ use vmbus::negotiate::{prep_negotiate_resp, FCOPY_FW_VERSIONS, FCOPY_SRV_VERSION
 
 use super::{op_name, HostSide, DEVICE_NAME, RECV_LIMIT};
 use crate::bus::channel::{ChannelDriver, HostChannel};
-use crate::device::{Caller, Device, Errno, Handle, PollWaker, ReadReply, WriteReply};
+use crate::device::Errno;
 use crate::devices::delayed_work::DelayedWork;
 use crate::devices::hvutil_transport::{
-    HvutilDeviceState as State, HvutilService, HvutilTransport, Shared, Transport,
+    HvutilDeviceState as State, HvutilDriver, HvutilService, HvutilTransport, Shared, Transport,
 };
 
 /// `HV_UTIL_TIMEOUT` (drivers/hv/hyperv_vmbus.h, 6.1): how long the daemon has to answer.
@@ -385,44 +385,17 @@ impl HvutilService for Service {
     }
 }
 
-impl Device for Fcopy61 {
-    fn name(&self) -> &str {
-        DEVICE_NAME
+/// The char device is the transport's (see [`HvutilDriver`]).
+impl HvutilDriver for Fcopy61 {
+    type Service = Service;
+    const NODE: &'static str = DEVICE_NAME;
+
+    fn transport(&self) -> &HvutilTransport<Service> {
+        &self.hvt
     }
 
-    fn open(&self, _caller: &Caller, _flags: i32) -> Result<Handle, Errno> {
-        // O_NONBLOCK and every other flag are ignored (hvt_op_open does not look).
-        self.hvt.open()
-    }
-
-    fn read(&self, handle: Handle, count: u32, _offset: u64, _caller: &Caller, reply: ReadReply) {
-        // Reading the handshake reply registers the daemon (fcopy_register_done), which polls
-        // the channel for what the host sent meanwhile.
-        self.hvt.read(handle, count, reply);
-        self.repoll_if_asked();
-    }
-
-    fn write(
-        &self,
-        handle: Handle,
-        data: &[u8],
-        _offset: u64,
-        _caller: &Caller,
-        reply: WriteReply,
-    ) {
-        let result = self.hvt.write(handle, data);
-        // The daemon's answer ended the transaction: the host's next request, if it is in the
-        // ring already, goes to the daemon before its write returns.
-        self.repoll_if_asked();
-        reply.answer(result)
-    }
-
-    fn poll(&self, handle: Handle, waker: Option<PollWaker>) -> u32 {
-        self.hvt.poll(handle, waker)
-    }
-
-    fn release(&self, handle: Handle) {
-        self.hvt.release(handle)
+    fn repoll_if_asked(&self) {
+        Fcopy61::repoll_if_asked(self)
     }
 }
 
@@ -462,7 +435,7 @@ impl ChannelDriver for Fcopy61 {
 mod tests {
     use super::super::testing::*;
     use super::*;
-    use crate::device::poll_bits;
+    use crate::device::{poll_bits, Device, Handle};
     use crate::devices::hvutil_transport::wait_for;
     use std::thread;
     use vmbus::fcopy::{StartFcopy, CREATE_PATH, OVER_WRITE};

@@ -49,12 +49,12 @@ use vmbus::kvp::{op, KvpMsg, DRV_VERSION, HV_E_FAIL, HV_S_CONT};
 use vmbus::negotiate::{prep_negotiate_resp, KVP_FW_VERSIONS, KVP_SRV_VERSIONS};
 
 use crate::bus::channel::{ChannelDriver, HostChannel};
-use crate::device::{Caller, Device, Errno, Handle, PollWaker, ReadReply, WriteReply};
+use crate::device::Errno;
 use crate::devices::delayed_work::DelayedWork;
 use crate::devices::hv_util::KernelProfile;
 use crate::devices::hv_util::RecvBuffer;
 use crate::devices::hvutil_transport::{
-    HvutilDeviceState as State, HvutilService, HvutilTransport, Shared, Transport,
+    HvutilDeviceState as State, HvutilDriver, HvutilService, HvutilTransport, Shared, Transport,
 };
 use crate::table::{ChannelDevice, ProbeError, Profile};
 
@@ -477,41 +477,17 @@ impl HvutilService for Service {
     }
 }
 
-impl Device for Kvp61 {
-    fn name(&self) -> &str {
-        DEVICE_NAME
+/// The char device is the transport's (see [`HvutilDriver`]).
+impl HvutilDriver for Kvp61 {
+    type Service = Service;
+    const NODE: &'static str = DEVICE_NAME;
+
+    fn transport(&self) -> &HvutilTransport<Service> {
+        &self.hvt
     }
 
-    fn open(&self, _caller: &Caller, _flags: i32) -> Result<Handle, Errno> {
-        self.hvt.open()
-    }
-
-    fn read(&self, handle: Handle, count: u32, _offset: u64, _caller: &Caller, reply: ReadReply) {
-        // Reading the registration answer registers the daemon (kvp_register_done), which
-        // polls the channel for what the host sent meanwhile.
-        self.hvt.read(handle, count, reply);
-        self.repoll_if_asked();
-    }
-
-    fn write(
-        &self,
-        handle: Handle,
-        data: &[u8],
-        _offset: u64,
-        _caller: &Caller,
-        reply: WriteReply,
-    ) {
-        let result = self.hvt.write(handle, data);
-        self.repoll_if_asked();
-        reply.answer(result)
-    }
-
-    fn poll(&self, handle: Handle, waker: Option<PollWaker>) -> u32 {
-        self.hvt.poll(handle, waker)
-    }
-
-    fn release(&self, handle: Handle) {
-        self.hvt.release(handle)
+    fn repoll_if_asked(&self) {
+        Kvp61::repoll_if_asked(self)
     }
 }
 

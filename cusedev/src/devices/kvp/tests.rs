@@ -14,7 +14,7 @@ use vmbus::kvp::{
 use vmbus::negotiate::parse_response;
 
 use super::*;
-use crate::device::poll_bits;
+use crate::device::{poll_bits, Device, Handle};
 use crate::devices::fcopy::testing::{
     caller, negotiate, read_at, reply_to, status_of, write_at, RigDevice, TestChannel, E_FAIL,
 };

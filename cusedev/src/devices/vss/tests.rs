@@ -9,7 +9,7 @@ use vmbus::negotiate::parse_response;
 use vmbus::vss::{encode_request, op, parse_reply, VssMsg, ICMSGTYPE_VSS};
 
 use super::*;
-use crate::device::poll_bits;
+use crate::device::{poll_bits, Device, Handle};
 use crate::devices::fcopy::testing::{
     caller, expected_reply, negotiate, read_at, reply_to, write_at, RigDevice, TestChannel, E_FAIL,
 };
