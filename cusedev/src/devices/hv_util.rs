@@ -11,7 +11,9 @@
 
 use vmbus::ic::set_reply;
 
-use crate::table::{Profile, ProfileSet};
+use std::sync::Arc;
+
+use crate::table::{ChannelDevice, ProbeError, Profile, ProfileSet};
 
 /// Ring data area of a util channel in 6.1: `HV_UTIL_RING_SEND_SIZE` / `_RECV_SIZE` are
 /// `VMBUS_RING_SIZE(3 * HV_HYP_PAGE_SIZE)` (drivers/hv/hv_util.c), three pages of which the
@@ -77,6 +79,23 @@ pub const KERNEL_PROFILES: ProfileSet = ProfileSet {
     default: "linux-6.1",
     set_by_kernel_flag: true,
 };
+
+/// The probe of a util driver reproduced only as in Linux 6.1 (hv_kvp, hv_vss): `build` for
+/// `linux-6.1`; `linux-3.14` is refused with `not_modelled` (the bus client logs it and leaves
+/// the offer alone; the 3.x drivers talked to their daemons over netlink).
+pub fn probe_linux_6_1_only(
+    profile: &Profile,
+    not_modelled: &'static str,
+    build: impl FnOnce() -> Arc<dyn ChannelDevice>,
+) -> Result<Arc<dyn ChannelDevice>, ProbeError> {
+    match KernelProfile::from_name(profile.name) {
+        Some(KernelProfile::Linux6_1) => Ok(build()),
+        Some(KernelProfile::Linux3_14) => Err(ProbeError::Driver(not_modelled.into())),
+        None => Err(ProbeError::UnknownProfile {
+            profile: profile.name.to_string(),
+        }),
+    }
+}
 
 /// The per-channel receive buffer `util_probe()` allocates (4 pages, drivers/hv/hv_util.c).
 pub const RECV_BUFFER_LEN: usize = 4 * 4096;

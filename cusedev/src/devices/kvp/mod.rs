@@ -51,7 +51,7 @@ use vmbus::negotiate::{prep_negotiate_resp, KVP_FW_VERSIONS, KVP_SRV_VERSIONS};
 use crate::bus::channel::{ChannelDriver, HostChannel};
 use crate::device::Errno;
 use crate::devices::delayed_work::DelayedWork;
-use crate::devices::hv_util::KernelProfile;
+use crate::devices::hv_util;
 use crate::devices::hv_util::RecvBuffer;
 use crate::devices::hvutil_transport::{
     HvutilDeviceState as State, HvutilDriver, HvutilService, HvutilTransport, Shared, Transport,
@@ -546,11 +546,5 @@ pub fn probe(
     profile: &Profile,
     _options: &clap::ArgMatches,
 ) -> Result<Arc<dyn ChannelDevice>, ProbeError> {
-    match KernelProfile::from_name(profile.name) {
-        Some(KernelProfile::Linux6_1) => Ok(new(channel)),
-        Some(KernelProfile::Linux3_14) => Err(ProbeError::Driver(NOT_MODELLED_3_14.into())),
-        None => Err(ProbeError::UnknownProfile {
-            profile: profile.name.to_string(),
-        }),
-    }
+    hv_util::probe_linux_6_1_only(profile, NOT_MODELLED_3_14, || new(channel))
 }

@@ -50,7 +50,7 @@ use vmbus::vss::{op, VssMsg, HV_E_FAIL, MSG_LEN, VSS_HBU_NO_AUTO_RECOVERY};
 use crate::bus::channel::{ChannelDriver, HostChannel};
 use crate::device::Errno;
 use crate::devices::delayed_work::DelayedWork;
-use crate::devices::hv_util::KernelProfile;
+use crate::devices::hv_util;
 use crate::devices::hv_util::RecvBuffer;
 use crate::devices::hvutil_transport::{
     HvutilDeviceState as State, HvutilDriver, HvutilService, HvutilTransport, Shared, Transport,
@@ -506,11 +506,5 @@ pub fn probe(
     profile: &Profile,
     _options: &clap::ArgMatches,
 ) -> Result<Arc<dyn ChannelDevice>, ProbeError> {
-    match KernelProfile::from_name(profile.name) {
-        Some(KernelProfile::Linux6_1) => Ok(new(channel)),
-        Some(KernelProfile::Linux3_14) => Err(ProbeError::Driver(NOT_MODELLED_3_14.into())),
-        None => Err(ProbeError::UnknownProfile {
-            profile: profile.name.to_string(),
-        }),
-    }
+    hv_util::probe_linux_6_1_only(profile, NOT_MODELLED_3_14, || new(channel))
 }
