@@ -6,6 +6,7 @@ pub mod thread_state;
 pub use namespace::enter_private_mount_namespace;
 pub use thread_state::{current_tid, wait_until_sleeping_in_syscall};
 pub mod blocking;
+pub mod census;
 pub mod dev;
 pub mod fcopy_guest;
 pub mod harness;

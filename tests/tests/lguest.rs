@@ -12,13 +12,13 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use cusedev_tests::blocking::{install_sigusr1_without_restart, Blocking};
+use cusedev_tests::census::{wait_for_baseline, Census};
 use cusedev_tests::dev::{Dev, Errno};
 use cusedev_tests::enter_private_mount_namespace;
 use cusedev_tests::harness::Rig;
 use cusedev_tests::lguest_launcher::{
     assert_all_cases_pass, exit, parse_pingpong, run_limited, Bits, Holder, Run, DEVICE,
 };
-use cusedev_tests::xs_client::{wait_for_baseline, Census};
 
 /// How long a Launcher run that should end may take.
 const ENDS: Duration = Duration::from_secs(60);

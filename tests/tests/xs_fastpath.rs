@@ -17,12 +17,13 @@
 
 use std::time::Duration;
 
+use cusedev_tests::census::{wait_for_baseline, Census};
 use cusedev_tests::dev::{Dev, Errno};
 use cusedev_tests::enter_private_mount_namespace;
 use cusedev_tests::harness::{write_pattern_file, Rig};
 use cusedev_tests::xs_client::{
-    assert_all_cases_pass, run, seconds_after, wait_for_baseline, Bits, Census, Holder, Run,
-    BIG_FIT, REVIEWED, XS_DEVICE, XS_NODE,
+    assert_all_cases_pass, run, seconds_after, Bits, Holder, Run, BIG_FIT, REVIEWED, XS_DEVICE,
+    XS_NODE,
 };
 
 #[path = "../../fakehost/tests/common/azurite.rs"]
