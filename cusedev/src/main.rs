@@ -150,23 +150,35 @@ fn serve(args: ServeArgs, options: clap::ArgMatches) -> ExitCode {
     let client = BusClient::new(args.host, drivers, registry.clone());
     let (done_tx, done_rx) = std::sync::mpsc::channel::<ExitCode>();
     let bus_done = done_tx.clone();
-    thread::spawn(move || {
-        let code = match client.run() {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                error!("{e}");
-                ExitCode::FAILURE
-            }
-        };
-        let _ = bus_done.send(code);
-    });
-    thread::spawn(move || {
-        if let Ok(signal) = stop_signals.wait() {
-            info!("{signal}: stopping");
+    let started = thread::Builder::new()
+        .name("bus-client".to_owned())
+        .spawn(move || {
+            let code = match client.run() {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    error!("{e}");
+                    ExitCode::FAILURE
+                }
+            };
+            let _ = bus_done.send(code);
+        })
+        .and_then(|_| {
+            thread::Builder::new()
+                .name("stop-signals".to_owned())
+                .spawn(move || {
+                    if let Ok(signal) = stop_signals.wait() {
+                        info!("{signal}: stopping");
+                    }
+                    let _ = done_tx.send(ExitCode::SUCCESS);
+                })
+        });
+    let code = match started {
+        Ok(_) => done_rx.recv().unwrap_or(ExitCode::FAILURE),
+        Err(e) => {
+            error!("cannot start the threads of `cusedev serve`: {e}");
+            ExitCode::FAILURE
         }
-        let _ = done_tx.send(ExitCode::SUCCESS);
-    });
-    let code = done_rx.recv().unwrap_or(ExitCode::FAILURE);
+    };
     registry.shutdown();
     code
 }

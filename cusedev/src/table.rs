@@ -123,6 +123,12 @@ pub enum ProbeError {
     /// The driver cannot work on this channel, for its own reason.
     #[error("{0}")]
     Driver(Box<dyn std::error::Error + Send + Sync>),
+    /// The system refused what the driver needs to exist, a thread for its timer: the
+    /// kernel's `util_probe` fails the same way with -ENOMEM when its receive buffer cannot
+    /// be allocated (drivers/hv/hv_util.c 6.1), and the channel stays without a driver.
+    /// Nothing of the driver is left; a later offer may succeed.
+    #[error("out of resources: {0}")]
+    Resources(#[source] std::io::Error),
 }
 
 /// Builds the model for an offered channel (the driver's `probe`, run after the channel is

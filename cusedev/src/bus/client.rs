@@ -258,10 +258,7 @@ impl Session {
                         None => warn!("host answered an open of relid {child_relid} nobody asked for; ignored"),
                     }
                 }
-                ChannelMessage::Rescind { child_relid } => {
-                    let session = self.clone();
-                    thread::spawn(move || session.rescind(child_relid));
-                }
+                ChannelMessage::Rescind { child_relid } => self.on_rescind(child_relid),
                 other => warn!("host sent {other:?} on the control stream; ignored"),
             }
         }
@@ -319,14 +316,43 @@ impl Session {
         // Opening waits for OPENCHANNEL_RESULT, which this thread's caller (the control loop)
         // delivers: do it on a thread of its own.
         let session = self.clone();
-        thread::spawn(move || {
-            if let Err(e) = session.bind(row, profile, child_relid) {
-                error!(
-                    "cannot bind {} on relid {child_relid}: {e}; the offer is left alone",
-                    row.name
-                );
-            }
-        });
+        let spawned = thread::Builder::new()
+            .name(format!("bind-{child_relid}"))
+            .spawn(move || {
+                if let Err(e) = session.bind(row, profile, child_relid) {
+                    error!(
+                        "cannot bind {} on relid {child_relid}: {e}; the offer is left alone",
+                        row.name
+                    );
+                }
+            });
+        if let Err(e) = spawned {
+            // Nothing is open yet, so nothing to undo: the offer stays unbound, as a channel
+            // whose probe failed stays in the kernel; a rescind and a new offer try again.
+            error!(
+                "cannot bind {} on relid {child_relid}: out of resources: cannot start a thread \
+                 to open the channel: {e}; the offer is left alone",
+                row.name
+            );
+        }
+    }
+
+    /// RESCIND_CHANNELOFFER from the control loop. The teardown may wait for the daemon to
+    /// close its file (the 6.1 drivers' destroy), so it runs on a thread of its own; with no
+    /// thread to be had it runs here, and the control loop waits with it rather than leave a
+    /// rescinded device in place.
+    fn on_rescind(self: &Arc<Self>, child_relid: u32) {
+        let session = self.clone();
+        let spawned = thread::Builder::new()
+            .name(format!("rescind-{child_relid}"))
+            .spawn(move || session.rescind(child_relid));
+        if let Err(e) = spawned {
+            warn!(
+                "relid {child_relid}: cannot start a thread for the rescind ({e}); tearing down \
+                 on the control loop, which waits until the device's files are closed"
+            );
+            self.rescind(child_relid);
+        }
     }
 
     /// The kernel's `vmbus_probe()` → driver probe → `misc_register()`, for one offer: open

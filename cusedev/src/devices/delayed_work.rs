@@ -24,9 +24,10 @@
 //!
 //! [`cancel`]: DelayedWork::cancel
 
+use std::io;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::thread::{self, ThreadId};
+use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard};
+use std::thread::{self, JoinHandle, ThreadId};
 use std::time::{Duration, Instant};
 
 /// One deferred function and the thread that runs it. Dropping it stops the thread (after a
@@ -83,39 +84,74 @@ impl Inner {
     }
 }
 
+/// The function a work thread runs, handed to it once it is running ([`Unbound::bind`]).
+type WorkFn = Box<dyn Fn() + Send>;
+
+/// A work thread that runs, but has no function yet: the half of [`DelayedWork`] that can
+/// fail. A driver built inside `Arc::new_cyclic` starts its threads first, where a refusal
+/// can still be returned, and binds them to itself (its `Weak`) inside, where nothing fails.
+/// Dropped unbound, the thread ends.
+pub struct Unbound {
+    inner: Arc<Inner>,
+    work: mpsc::SyncSender<WorkFn>,
+}
+
+impl Unbound {
+    /// Gives the thread its function: the work item is ready to be scheduled.
+    pub fn bind(self, work: impl Fn() + Send + 'static) -> DelayedWork {
+        // The thread waits on the other end until this arrives or we are dropped; it can
+        // only be gone if it panicked, and then `run` never starts: the item never fires,
+        // which is logged there.
+        let _ = self.work.send(Box::new(work));
+        DelayedWork { inner: self.inner }
+    }
+
+    /// A work item that calls `work` on the driver `owner` points to, while it still
+    /// exists. Drivers own their work items, so the item holds them weakly: a strong
+    /// reference would keep a driver alive through its own timer.
+    pub fn bind_driver<T: Send + Sync + 'static>(
+        self,
+        owner: std::sync::Weak<T>,
+        work: fn(&T),
+    ) -> DelayedWork {
+        self.bind(move || {
+            if let Some(owner) = owner.upgrade() {
+                work(&owner);
+            }
+        })
+    }
+}
+
 impl DelayedWork {
-    /// Creates the work item and its thread (named `name`). `work` runs on that thread, with
-    /// no lock of this module held; it may take the driver lock.
-    ///
-    /// Panics only if the operating system refuses to create a thread, at device creation.
-    pub fn new(name: &str, work: impl Fn() + Send + 'static) -> DelayedWork {
+    /// Starts the thread of a work item (named `name`), to be given its function with
+    /// [`Unbound::bind`]. Fails when the system refuses a thread (`pthread_create`'s
+    /// EAGAIN: a pids cgroup limit, `threads-max`, no memory); the error names the thread.
+    pub fn spawn(name: &str) -> io::Result<Unbound> {
         let inner = Arc::new(Inner {
             name: name.to_owned(),
             state: Mutex::new(State::default()),
             changed: Condvar::new(),
         });
         let thread_inner = inner.clone();
-        let handle = thread::Builder::new()
-            .name(name.to_owned())
-            .spawn(move || run(&thread_inner, &work))
-            .unwrap_or_else(|e| panic!("cannot start the work thread {name}: {e}"));
+        // A rendezvous channel: the function arrives once, before anything can schedule it.
+        let (work_tx, work_rx) = mpsc::sync_channel::<WorkFn>(1);
+        let handle = spawn_named(name, move || {
+            if let Ok(work) = work_rx.recv() {
+                run(&thread_inner, &*work);
+            }
+        })?;
         inner.lock().worker = Some(handle.thread().id());
-        DelayedWork { inner }
+        Ok(Unbound {
+            inner,
+            work: work_tx,
+        })
     }
 
-    /// A work item that calls `work` on the driver `owner` points to, while it still
-    /// exists. Drivers own their work items, so the item holds them weakly: a strong
-    /// reference would keep a driver alive through its own timer.
-    pub fn for_driver<T: Send + Sync + 'static>(
-        name: &str,
-        owner: std::sync::Weak<T>,
-        work: fn(&T),
-    ) -> DelayedWork {
-        DelayedWork::new(name, move || {
-            if let Some(owner) = owner.upgrade() {
-                work(&owner);
-            }
-        })
+    /// Creates the work item and its thread (named `name`): [`DelayedWork::spawn`] and
+    /// [`Unbound::bind`] at once. `work` runs on that thread, with no lock of this module
+    /// held; it may take the driver lock.
+    pub fn new(name: &str, work: impl Fn() + Send + 'static) -> io::Result<DelayedWork> {
+        Ok(DelayedWork::spawn(name)?.bind(work))
     }
 
     /// `schedule_delayed_work(work, delay)`: runs the function once `delay` has passed, unless
@@ -233,6 +269,55 @@ impl std::fmt::Debug for DelayedWork {
     }
 }
 
+/// Starts a thread of a device model: `thread::Builder::spawn`, with an error that names
+/// the thread, and which unit tests can make fail on their own thread
+/// ([`testing::refuse_spawns`]) as a pids limit makes it fail for real.
+pub(crate) fn spawn_named(
+    name: &str,
+    f: impl FnOnce() + Send + 'static,
+) -> io::Result<JoinHandle<()>> {
+    #[cfg(test)]
+    let refused = testing::take_refusal().then(|| io::Error::from_raw_os_error(libc::EAGAIN));
+    #[cfg(not(test))]
+    let refused = None;
+    match refused {
+        Some(e) => Err(e),
+        None => thread::Builder::new().name(name.to_owned()).spawn(f),
+    }
+    .map_err(|e| io::Error::new(e.kind(), format!("cannot start the thread {name}: {e}")))
+}
+
+/// Test hook: thread creation refused, as `pthread_create` refuses it (EAGAIN).
+#[cfg(test)]
+pub(crate) mod testing {
+    use std::cell::Cell;
+
+    thread_local! {
+        /// Spawns to let through before refusing, and how many to refuse then.
+        static PLAN: Cell<(usize, usize)> = const { Cell::new((0, 0)) };
+    }
+
+    /// On this thread, the next `allowed` work threads start and the `refused` after them
+    /// fail with EAGAIN. Per thread, so tests running in parallel are not affected.
+    pub(crate) fn refuse_spawns(allowed: usize, refused: usize) {
+        PLAN.with(|plan| plan.set((allowed, refused)));
+    }
+
+    pub(super) fn take_refusal() -> bool {
+        PLAN.with(|plan| match plan.get() {
+            (0, 0) => false,
+            (0, refused) => {
+                plan.set((0, refused - 1));
+                true
+            }
+            (allowed, refused) => {
+                plan.set((allowed - 1, refused));
+                false
+            }
+        })
+    }
+}
+
 /// The work thread: sleep until an expiry passes, run the function, repeat until shutdown.
 fn run(inner: &Inner, work: &dyn Fn()) {
     let mut state = inner.lock();
@@ -289,7 +374,8 @@ mod tests {
         let tx = Mutex::new(tx);
         let work = DelayedWork::new(name, move || {
             let _ = tx.lock().unwrap().send(());
-        });
+        })
+        .unwrap();
         (work, rx)
     }
 
@@ -366,7 +452,8 @@ mod tests {
             let _ = started_tx.lock().unwrap().send(());
             let _ = finish_rx.lock().unwrap().recv();
             *done_in_work.lock().unwrap() = true;
-        });
+        })
+        .unwrap();
         work.schedule(Duration::ZERO);
         started_rx.recv_timeout(Duration::from_secs(10)).unwrap();
         finish_tx.send(()).unwrap();
@@ -382,22 +469,100 @@ mod tests {
         let slot_in_work = slot.clone();
         let runs = Arc::new(Mutex::new(0));
         let runs_in_work = runs.clone();
-        let work = Arc::new(DelayedWork::new("dw-test-resched", move || {
-            let mut runs = runs_in_work.lock().unwrap();
-            *runs += 1;
-            if *runs < 3 {
-                if let Some(me) = slot_in_work.lock().unwrap().as_ref() {
-                    assert!(me.schedule(Duration::ZERO));
+        let work = Arc::new(
+            DelayedWork::new("dw-test-resched", move || {
+                let mut runs = runs_in_work.lock().unwrap();
+                *runs += 1;
+                if *runs < 3 {
+                    if let Some(me) = slot_in_work.lock().unwrap().as_ref() {
+                        assert!(me.schedule(Duration::ZERO));
+                    }
+                } else {
+                    let _ = tx.lock().unwrap().send(());
                 }
-            } else {
-                let _ = tx.lock().unwrap().send(());
-            }
-        }));
+            })
+            .unwrap(),
+        );
         *slot.lock().unwrap() = Some(work.clone());
         work.schedule(Duration::ZERO);
         rx.recv_timeout(Duration::from_secs(10)).unwrap();
         assert_eq!(*runs.lock().unwrap(), 3);
         slot.lock().unwrap().take();
+    }
+
+    /// Threads of this process named `name` (the kernel's comm, 15 bytes at most).
+    fn threads_named(name: &str) -> usize {
+        std::fs::read_dir("/proc/self/task")
+            .unwrap()
+            .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
+            .filter(|comm| comm.trim_end() == name)
+            .count()
+    }
+
+    fn wait_for_threads_named(name: &str, count: usize) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while threads_named(name) != count {
+            assert!(Instant::now() < deadline, "{name}: never {count} threads");
+            thread::yield_now();
+        }
+    }
+
+    #[test]
+    fn new_fails_with_eagain_naming_the_thread_when_no_thread_can_be_started() {
+        testing::refuse_spawns(0, 1);
+        let e = DelayedWork::new("dw-test-refused", || {}).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::WouldBlock);
+        assert_eq!(e.raw_os_error(), None, "the message is ours: {e}");
+        assert!(
+            e.to_string()
+                .starts_with("cannot start the thread dw-test-refused: "),
+            "{e}"
+        );
+        assert_eq!(threads_named("dw-test-refused"), 0);
+        // One refusal only: the next one starts.
+        let (work, ran) = counter_work("dw-test-refused");
+        assert!(work.schedule(Duration::ZERO));
+        ran.recv_timeout(Duration::from_secs(10)).unwrap();
+    }
+
+    #[test]
+    fn unbound_work_dropped_ends_its_thread() {
+        let unbound = DelayedWork::spawn("dw-test-unbnd").unwrap();
+        wait_for_threads_named("dw-test-unbnd", 1);
+        drop(unbound);
+        wait_for_threads_named("dw-test-unbnd", 0);
+    }
+
+    /// A driver in miniature: its work item records which thread ran it.
+    struct Recorder {
+        ran_on: Mutex<Option<String>>,
+        ran: Mutex<mpsc::Sender<()>>,
+        timer: DelayedWork,
+    }
+
+    impl Recorder {
+        fn timeout_work(&self) {
+            *self.ran_on.lock().unwrap() = thread::current().name().map(str::to_owned);
+            let _ = self.ran.lock().unwrap().send(());
+        }
+    }
+
+    #[test]
+    fn work_bound_inside_new_cyclic_runs_on_the_thread_spawned_before() {
+        // The drivers' pattern: the thread first (fallible), the binding inside new_cyclic.
+        let unbound = DelayedWork::spawn("dw-test-bound").unwrap();
+        let (tx, rx) = mpsc::channel();
+        let driver = Arc::new_cyclic(|me| Recorder {
+            ran_on: Mutex::new(None),
+            ran: Mutex::new(tx),
+            timer: unbound.bind_driver(me.clone(), Recorder::timeout_work),
+        });
+        assert!(driver.timer.schedule(Duration::ZERO));
+        rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        assert_eq!(
+            driver.ran_on.lock().unwrap().as_deref(),
+            Some("dw-test-bound")
+        );
     }
 
     #[test]

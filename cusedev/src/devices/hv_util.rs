@@ -82,14 +82,15 @@ pub const KERNEL_PROFILES: ProfileSet = ProfileSet {
 
 /// The probe of a util driver reproduced only as in Linux 6.1 (hv_kvp, hv_vss): `build` for
 /// `linux-6.1`; `linux-3.14` is refused with `not_modelled` (the bus client logs it and leaves
-/// the offer alone; the 3.x drivers talked to their daemons over netlink).
+/// the offer alone; the 3.x drivers talked to their daemons over netlink). `build`'s own
+/// refusal (no thread for a timer) is passed on.
 pub fn probe_linux_6_1_only(
     profile: &Profile,
     not_modelled: &'static str,
-    build: impl FnOnce() -> Arc<dyn ChannelDevice>,
+    build: impl FnOnce() -> Result<Arc<dyn ChannelDevice>, ProbeError>,
 ) -> Result<Arc<dyn ChannelDevice>, ProbeError> {
     match KernelProfile::from_name(profile.name) {
-        Some(KernelProfile::Linux6_1) => Ok(build()),
+        Some(KernelProfile::Linux6_1) => build(),
         Some(KernelProfile::Linux3_14) => Err(ProbeError::Driver(not_modelled.into())),
         None => Err(ProbeError::UnknownProfile {
             profile: profile.name.to_string(),

@@ -180,6 +180,11 @@ fn cpu_of(offset: u64, caller: &Caller, abi: Abi) -> u64 {
     }
 }
 
+/// The death reason of a refused read, as `lgread()` words it (drivers/lguest/core.c v3.10).
+fn bad_read(addr: u64, len: u64) -> String {
+    format!("bad read address {} len {}", c_hex(addr), len)
+}
+
 /// `%#lx`: C prints 0 without the prefix.
 fn c_hex(value: u64) -> String {
     if value == 0 {
@@ -319,7 +324,7 @@ impl Lguest {
         };
         fetched.map_err(|_| {
             buf.fill(0);
-            format!("bad read address {} len {}", c_hex(addr), len)
+            bad_read(addr, len)
         })
     }
 
@@ -573,7 +578,19 @@ impl Lguest {
             Some(guest) if lock(&guest.inner).death.is_none() => guest,
             _ => return data(addr, Errno::ENOENT as u32, &[]),
         };
-        let mut buf = vec![0u8; len as usize];
+        // `len` is the host's: refuse a range outside the Guest's memory before allocating
+        // anything for it, and a range the system has no memory for with ENOMEM, instead of
+        // aborting on a failed allocation.
+        if !address_ok(guest.pfn_limit, addr, u64::from(len)) {
+            self.kill(&guest, bad_read(addr, u64::from(len)));
+            return data(addr, Errno::EFAULT as u32, &[]);
+        }
+        let mut buf = Vec::new();
+        if buf.try_reserve_exact(len as usize).is_err() {
+            warn!("lguest: Guest {number} reads {len} bytes, no memory for them: ENOMEM");
+            return data(addr, Errno::ENOMEM as u32, &[]);
+        }
+        buf.resize(len as usize, 0);
         if self.guest_read(&guest, addr, &mut buf).is_err() {
             return data(addr, Errno::EFAULT as u32, &[]);
         }

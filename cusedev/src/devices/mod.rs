@@ -13,6 +13,8 @@ pub mod hv_util;
 pub mod hvutil_transport;
 pub mod kvp;
 pub mod lguest;
+#[cfg(test)]
+mod probe_tests;
 pub mod vss;
 pub mod xs_fastpath;
 

@@ -21,8 +21,8 @@
 //! marked where it applies.
 
 use std::collections::{HashMap, HashSet};
+use std::io;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
-use std::thread;
 use std::time::{Duration, Instant};
 
 use log::{debug, error, info, warn};
@@ -41,6 +41,7 @@ use crate::caller::CredentialIdentity;
 use crate::device::{
     Caller, Device, Errno, Handle, IoctlAnswer, IoctlCall, IoctlOutcome, IoctlReply, Parked,
 };
+use crate::devices::delayed_work::spawn_named;
 use crate::table::{ProbeError, Profile, ProfileSet};
 
 /// The misc device name (`xs_fastpath_misc.name`).
@@ -126,7 +127,7 @@ pub fn probe(
             })
         }
     };
-    Ok(XsFastpath::new(channel, rules))
+    Ok(XsFastpath::new(channel, rules).map_err(ProbeError::Resources)?)
 }
 
 /// One user buffer's pinned pages, as a run of the packet's page range.
@@ -267,7 +268,8 @@ struct Prepared {
 }
 
 impl XsFastpath {
-    fn new(channel: Arc<dyn HostChannel>, rules: Rules) -> Arc<XsFastpath> {
+    /// The device; a reviewed one fails when its timeout thread cannot be started.
+    fn new(channel: Arc<dyn HostChannel>, rules: Rules) -> io::Result<Arc<XsFastpath>> {
         let core = Arc::new(Core {
             state: Mutex::new(State {
                 removing: false,
@@ -281,20 +283,16 @@ impl XsFastpath {
             changed: Condvar::new(),
         });
         if rules.bounded_wait {
+            // Without it calls would wait as the posted driver's do: a reviewed device that
+            // cannot bound its waits is not built at all.
             let for_thread = core.clone();
-            let spawned = thread::Builder::new()
-                .name("xs-timeouts".into())
-                .spawn(move || expire_calls(&for_thread));
-            if let Err(e) = spawned {
-                // Without it calls would wait as the posted driver's do; say so loudly.
-                error!("xs_fastpath: cannot start the timeout thread ({e}); waits are unbounded");
-            }
+            spawn_named("xs-timeouts", move || expire_calls(&for_thread))?;
         }
-        Arc::new(XsFastpath {
+        Ok(Arc::new(XsFastpath {
             channel,
             rules,
             core,
-        })
+        }))
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {

@@ -76,7 +76,7 @@ fn me() -> Caller {
 
 fn device(rules: Rules) -> (Arc<ScriptedHost>, Arc<XsFastpath>) {
     let host = ScriptedHost::new();
-    let device = XsFastpath::new(host.clone(), rules);
+    let device = XsFastpath::new(host.clone(), rules).unwrap();
     (host, device)
 }
 

@@ -27,6 +27,7 @@
 //! There are no locks in the seed driver. Here its globals sit under one driver lock
 //! ([`WaitState`]); the semaphore is a counter under it with a [`WaitList`] of parked readers.
 
+use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
@@ -83,14 +84,12 @@ struct Seed {
 
 impl SeedFcopy {
     /// `hv_fcopy_init()`: `active` true (defer everything until a daemon registers), the
-    /// semaphore at 0, the device registered.
-    pub fn new(channel: Arc<dyn HostChannel>, timeout: Duration) -> Arc<SeedFcopy> {
-        Arc::new_cyclic(|me: &Weak<SeedFcopy>| {
-            let timer = Arc::new(DelayedWork::for_driver(
-                "hv_fcopy-timer",
-                me.clone(),
-                SeedFcopy::timeout_work,
-            ));
+    /// semaphore at 0, the device registered. Fails only when the timer's thread cannot be
+    /// started.
+    pub fn new(channel: Arc<dyn HostChannel>, timeout: Duration) -> io::Result<Arc<SeedFcopy>> {
+        let timer = DelayedWork::spawn("hv_fcopy-timer")?;
+        Ok(Arc::new_cyclic(|me: &Weak<SeedFcopy>| {
+            let timer = Arc::new(timer.bind_driver(me.clone(), SeedFcopy::timeout_work));
             SeedFcopy {
                 ws: WaitState::new(Seed {
                     opened: false,
@@ -108,7 +107,7 @@ impl SeedFcopy {
                 timer,
                 next_handle: AtomicU64::new(1),
             }
-        })
+        }))
     }
 
     fn lock(&self) -> MutexGuard<'_, Seed> {
@@ -426,7 +425,7 @@ mod tests {
         const READ_LEN: u32 = 6196;
 
         fn create(channel: Arc<dyn HostChannel>, timeout: Duration) -> Arc<SeedFcopy> {
-            SeedFcopy::new(channel, timeout)
+            SeedFcopy::new(channel, timeout).unwrap()
         }
 
         fn sleeping_readers(&self) -> usize {

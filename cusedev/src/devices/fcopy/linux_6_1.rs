@@ -27,6 +27,7 @@
 //! right after it lets go of the driver lock: nothing can tell the two apart, and a host that
 //! has its next request waiting in the ring gets it to the daemon without a thread hop.
 
+use std::io;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -74,14 +75,12 @@ pub(crate) struct Service {
 }
 
 impl Fcopy61 {
-    /// `hv_fcopy_init()` on `channel`: state DEVICE_INIT, transport in INIT mode.
-    pub fn new(channel: Arc<dyn HostChannel>, timeout: Duration) -> Arc<Fcopy61> {
-        Arc::new_cyclic(|me: &Weak<Fcopy61>| {
-            let timer = Arc::new(DelayedWork::for_driver(
-                "hv_fcopy-timer",
-                me.clone(),
-                Fcopy61::timeout_work,
-            ));
+    /// `hv_fcopy_init()` on `channel`: state DEVICE_INIT, transport in INIT mode. Fails only
+    /// when the timer's thread cannot be started (the kernel's init failing with -ENOMEM).
+    pub fn new(channel: Arc<dyn HostChannel>, timeout: Duration) -> io::Result<Arc<Fcopy61>> {
+        let timer = DelayedWork::spawn("hv_fcopy-timer")?;
+        Ok(Arc::new_cyclic(|me: &Weak<Fcopy61>| {
+            let timer = Arc::new(timer.bind_driver(me.clone(), Fcopy61::timeout_work));
             let service = Service {
                 state: State::DeviceInit,
                 dm_reg_value: None,
@@ -95,7 +94,7 @@ impl Fcopy61 {
                 callback_serial: Mutex::new(()),
                 timer,
             }
-        })
+        }))
     }
 
     /// `fcopy_timeout_func()`: the daemon did not answer in time.
@@ -450,7 +449,7 @@ mod tests {
         const READ_LEN: u32 = DO_FCOPY_LEN as u32;
 
         fn create(channel: Arc<dyn HostChannel>, timeout: Duration) -> Arc<Fcopy61> {
-            Fcopy61::new(channel, timeout)
+            Fcopy61::new(channel, timeout).unwrap()
         }
 
         fn sleeping_readers(&self) -> usize {

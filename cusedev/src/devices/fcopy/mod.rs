@@ -36,6 +36,7 @@ pub mod linux_6_1;
 #[cfg(test)]
 pub(crate) mod testing;
 
+use std::io;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -154,8 +155,11 @@ pub(crate) fn op_name(op: u32) -> &'static str {
 /// this blocks until the daemon has closed the device; on 3.14 it returns at once).
 ///
 /// Frontend side: serve it as a [`Device`](crate::device::Device) named [`DEVICE_NAME`],
-/// mode 0600.
-pub fn new(profile: KernelProfile, channel: Arc<dyn HostChannel>) -> Arc<dyn ChannelDevice> {
+/// mode 0600. Fails only when its timer thread cannot be started.
+pub fn new(
+    profile: KernelProfile,
+    channel: Arc<dyn HostChannel>,
+) -> io::Result<Arc<dyn ChannelDevice>> {
     with_timeout(profile, channel, default_timeout(profile))
 }
 
@@ -164,11 +168,11 @@ pub fn with_timeout(
     profile: KernelProfile,
     channel: Arc<dyn HostChannel>,
     daemon_timeout: Duration,
-) -> Arc<dyn ChannelDevice> {
-    match profile {
-        KernelProfile::Linux3_14 => linux_3_14::SeedFcopy::new(channel, daemon_timeout),
-        KernelProfile::Linux6_1 => linux_6_1::Fcopy61::new(channel, daemon_timeout),
-    }
+) -> io::Result<Arc<dyn ChannelDevice>> {
+    Ok(match profile {
+        KernelProfile::Linux3_14 => linux_3_14::SeedFcopy::new(channel, daemon_timeout)?,
+        KernelProfile::Linux6_1 => linux_6_1::Fcopy61::new(channel, daemon_timeout)?,
+    })
 }
 
 /// The kernel's daemon timeout for `profile`: `5*HZ` in the seed, `HV_UTIL_TIMEOUT` = 30 s
@@ -191,7 +195,7 @@ pub fn probe(
         KernelProfile::from_name(profile.name).ok_or_else(|| ProbeError::UnknownProfile {
             profile: profile.name.to_string(),
         })?;
-    Ok(new(kernel, channel))
+    new(kernel, channel).map_err(ProbeError::Resources)
 }
 
 #[cfg(test)]
@@ -223,7 +227,7 @@ mod tests {
     #[test]
     fn device_is_vmbus_hv_fcopy_mode_0600_in_both_profiles() {
         for profile in KernelProfile::ALL {
-            let dev = new(profile, TestChannel::new());
+            let dev = new(profile, TestChannel::new()).unwrap();
             assert_eq!(dev.name(), "vmbus/hv_fcopy");
             assert_eq!(dev.mode(), 0o600);
         }
@@ -243,11 +247,11 @@ mod tests {
 
     #[test]
     fn profiles_differ_in_poll_and_ioctl_is_enotty() {
-        let seed = new(KernelProfile::Linux3_14, TestChannel::new());
+        let seed = new(KernelProfile::Linux3_14, TestChannel::new()).unwrap();
         let h = seed.open(&caller(), libc::O_RDWR).unwrap();
         assert_eq!(seed.poll(h, None), poll_bits::DEFAULT_POLLMASK);
         assert_eq!(ioctl_of(&*seed, h), Err(Errno::ENOTTY));
-        let new = new(KernelProfile::Linux6_1, TestChannel::new());
+        let new = new(KernelProfile::Linux6_1, TestChannel::new()).unwrap();
         let h = new.open(&caller(), libc::O_RDWR).unwrap();
         assert_eq!(new.poll(h, None), 0);
         assert_eq!(ioctl_of(&*new, h), Err(Errno::ENOTTY));

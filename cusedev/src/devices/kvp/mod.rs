@@ -40,6 +40,7 @@ pub(crate) mod convert;
 #[cfg(test)]
 mod tests;
 
+use std::io;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -121,23 +122,19 @@ pub(crate) struct Service {
 }
 
 impl Kvp61 {
-    /// `hv_kvp_init()` on `channel`: state DEVICE_INIT, transport in INIT mode.
+    /// `hv_kvp_init()` on `channel`: state DEVICE_INIT, transport in INIT mode. Fails only
+    /// when a timer's thread cannot be started (a first one started ends with the error).
     pub fn new(
         channel: Arc<dyn HostChannel>,
         timeout: Duration,
         nego_timeout: Duration,
-    ) -> Arc<Kvp61> {
-        Arc::new_cyclic(|me: &Weak<Kvp61>| {
-            let timer = Arc::new(DelayedWork::for_driver(
-                "hv_kvp-timer",
-                me.clone(),
-                Kvp61::timeout_work,
-            ));
-            let handshake_timer = Arc::new(DelayedWork::for_driver(
-                "hv_kvp-nego",
-                me.clone(),
-                Kvp61::host_handshake_work,
-            ));
+    ) -> io::Result<Arc<Kvp61>> {
+        let timer = DelayedWork::spawn("hv_kvp-timer")?;
+        let handshake_timer = DelayedWork::spawn("hv_kvp-nego")?;
+        Ok(Arc::new_cyclic(|me: &Weak<Kvp61>| {
+            let timer = Arc::new(timer.bind_driver(me.clone(), Kvp61::timeout_work));
+            let handshake_timer =
+                Arc::new(handshake_timer.bind_driver(me.clone(), Kvp61::host_handshake_work));
             let service = Service {
                 state: State::DeviceInit,
                 dm_reg_value: None,
@@ -159,7 +156,7 @@ impl Kvp61 {
                 timer,
                 handshake_timer,
             }
-        })
+        }))
     }
 
     /// `kvp_timeout_func()`: "the user-mode component has not responded".
@@ -535,8 +532,9 @@ impl ChannelDriver for Kvp61 {
 }
 
 /// The 6.1 hv_kvp driver on `channel`, with the kernel's timeouts.
-pub fn new(channel: Arc<dyn HostChannel>) -> Arc<dyn ChannelDevice> {
-    Kvp61::new(channel, DAEMON_TIMEOUT, NEGO_TIMEOUT)
+/// Fails only when a timer thread cannot be started.
+pub fn new(channel: Arc<dyn HostChannel>) -> io::Result<Arc<dyn ChannelDevice>> {
+    Ok(Kvp61::new(channel, DAEMON_TIMEOUT, NEGO_TIMEOUT)?)
 }
 
 /// The driver table's probe for a KVP offer: the 6.1 model; `linux-3.14` is refused with
@@ -546,5 +544,7 @@ pub fn probe(
     profile: &Profile,
     _options: &clap::ArgMatches,
 ) -> Result<Arc<dyn ChannelDevice>, ProbeError> {
-    hv_util::probe_linux_6_1_only(profile, NOT_MODELLED_3_14, || new(channel))
+    hv_util::probe_linux_6_1_only(profile, NOT_MODELLED_3_14, || {
+        new(channel).map_err(ProbeError::Resources)
+    })
 }

@@ -31,7 +31,7 @@ impl RigDevice for Kvp61 {
     const READ_LEN: u32 = MSG_LEN as u32;
 
     fn create(channel: Arc<dyn HostChannel>, timeout: Duration) -> Arc<Kvp61> {
-        Kvp61::new(channel, timeout, NEGO_TIMEOUT)
+        Kvp61::new(channel, timeout, NEGO_TIMEOUT).unwrap()
     }
 
     fn sleeping_readers(&self) -> usize {
@@ -316,7 +316,7 @@ fn negotiate_and_a_request_both_waiting_go_through_once_a_daemon_registers() {
 #[test]
 fn negotiation_repoll_timer_only_reruns_the_callback_and_is_armed_once() {
     let chan = TestChannel::new();
-    let dev = Kvp61::new(chan.clone(), DAEMON_TIMEOUT, Duration::from_millis(10));
+    let dev = Kvp61::new(chan.clone(), DAEMON_TIMEOUT, Duration::from_millis(10)).unwrap();
     chan.push(1, &negotiate(&[FW_3_0], &[SRV_4_0]));
     dev.on_channel_callback();
     assert!(dev.handshake_timer.is_pending());

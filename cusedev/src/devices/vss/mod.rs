@@ -39,6 +39,7 @@
 #[cfg(test)]
 mod tests;
 
+use std::io;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -107,18 +108,16 @@ pub(crate) struct Service {
 }
 
 impl Vss61 {
-    /// `hv_vss_init()` on `channel`: state DEVICE_INIT, transport in INIT mode.
+    /// `hv_vss_init()` on `channel`: state DEVICE_INIT, transport in INIT mode. Fails only
+    /// when the timer's thread cannot be started.
     pub fn new(
         channel: Arc<dyn HostChannel>,
         timeout: Duration,
         freeze_timeout: Duration,
-    ) -> Arc<Vss61> {
-        Arc::new_cyclic(|me: &Weak<Vss61>| {
-            let timer = Arc::new(DelayedWork::for_driver(
-                "hv_vss-timer",
-                me.clone(),
-                Vss61::timeout_work,
-            ));
+    ) -> io::Result<Arc<Vss61>> {
+        let timer = DelayedWork::spawn("hv_vss-timer")?;
+        Ok(Arc::new_cyclic(|me: &Weak<Vss61>| {
+            let timer = Arc::new(timer.bind_driver(me.clone(), Vss61::timeout_work));
             let service = Service {
                 state: State::DeviceInit,
                 dm_reg_value: None,
@@ -137,7 +136,7 @@ impl Vss61 {
                 callback_serial: Mutex::new(()),
                 timer,
             }
-        })
+        }))
     }
 
     /// `vss_timeout_func()`: "Timeout waiting for userspace component to reply happened."
@@ -495,8 +494,9 @@ impl ChannelDriver for Vss61 {
 }
 
 /// The 6.1 hv_vss driver on `channel`, with the kernel's timeouts.
-pub fn new(channel: Arc<dyn HostChannel>) -> Arc<dyn ChannelDevice> {
-    Vss61::new(channel, DAEMON_TIMEOUT, FREEZE_TIMEOUT)
+/// Fails only when a timer thread cannot be started.
+pub fn new(channel: Arc<dyn HostChannel>) -> io::Result<Arc<dyn ChannelDevice>> {
+    Ok(Vss61::new(channel, DAEMON_TIMEOUT, FREEZE_TIMEOUT)?)
 }
 
 /// The driver table's probe for a VSS offer: the 6.1 model; `linux-3.14` is refused with
@@ -506,5 +506,7 @@ pub fn probe(
     profile: &Profile,
     _options: &clap::ArgMatches,
 ) -> Result<Arc<dyn ChannelDevice>, ProbeError> {
-    hv_util::probe_linux_6_1_only(profile, NOT_MODELLED_3_14, || new(channel))
+    hv_util::probe_linux_6_1_only(profile, NOT_MODELLED_3_14, || {
+        new(channel).map_err(ProbeError::Resources)
+    })
 }

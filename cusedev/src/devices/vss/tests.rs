@@ -26,7 +26,7 @@ impl RigDevice for Vss61 {
     const READ_LEN: u32 = MSG_LEN as u32;
 
     fn create(channel: Arc<dyn HostChannel>, timeout: Duration) -> Arc<Vss61> {
-        Vss61::new(channel, timeout, FREEZE_TIMEOUT)
+        Vss61::new(channel, timeout, FREEZE_TIMEOUT).unwrap()
     }
 
     fn sleeping_readers(&self) -> usize {
@@ -282,7 +282,8 @@ fn freeze_waits_longer_than_the_30_s_timeout_of_thaw() {
         chan.clone(),
         Duration::from_millis(20),
         Duration::from_secs(3600),
-    );
+    )
+    .unwrap();
     let rig = Rig { dev, chan };
     let h = rig.daemon();
     rig.host(1, &vss(op::FREEZE, 0));
