@@ -49,10 +49,38 @@ struct Scene {
     guest: PathBuf,
 }
 
+/// The nodes cusedev makes directly under /dev (the FUSE frontend mounts over each).
+const TOP_LEVEL_NODES: [&str; 3] = ["vmbus", "azure_xs_fastpath", "lguest"];
+
+/// Catches syslog on a shadow of `/dev` (see `cusedev_tests::kvp::Syslog`) from which the
+/// entries cusedev makes are taken out: the shadow binds every entry of the machine's /dev,
+/// mounts included, and a cusedev running outside any test namespace (a demo, a soak) would
+/// otherwise be found answering at /dev/azure_xs_fastpath, and ours could not serve it.
+fn private_dev(test: &str) -> Syslog {
+    let syslog = Syslog::capture(&scratch_dir(&format!("{test}-ns")));
+    for name in TOP_LEVEL_NODES {
+        let entry = Path::new("/dev").join(name);
+        // Unmount whatever the machine had stacked there (in this namespace only), then the
+        // shadow's own entry.
+        while nix::mount::umount2(&entry, nix::mount::MntFlags::MNT_DETACH).is_ok() {}
+        if entry.is_dir() {
+            std::fs::remove_dir(&entry)
+        } else {
+            std::fs::remove_file(&entry)
+        }
+        .or_else(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => Ok(()),
+            _ => Err(e),
+        })
+        .unwrap_or_else(|e| panic!("take {} out of the shadow /dev: {e}", entry.display()));
+    }
+    syslog
+}
+
 fn scene(test: &str, guest_size: &str) -> Scene {
     enter_private_mount_namespace().expect("private mount namespace");
     // Before cusedev starts: it mounts /dev/vmbus on the shadow of /dev.
-    let syslog = Syslog::capture(&scratch_dir(&format!("{test}-ns")));
+    let syslog = private_dev(test);
     let rig = Rig::start(test, "linux-6.1");
     let src = rig.dir.join("src");
     mount_tmpfs(&src, "64m");
