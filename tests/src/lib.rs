@@ -13,6 +13,7 @@ pub mod harness;
 pub mod kvp;
 pub mod lguest_launcher;
 pub mod qemu;
+pub mod scripted_host;
 pub mod syscalls;
 pub mod xs_client;
 

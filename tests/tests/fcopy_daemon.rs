@@ -14,7 +14,8 @@ fn stdout(output: &std::process::Output) -> String {
 /// A rig with a daemon, a source directory and a guest directory on tmpfs.
 struct Scene {
     rig: Rig,
-    daemon: cusedev_tests::harness::Supervised,
+    /// Kept for the test's length (dropping it stops the daemon).
+    _daemon: cusedev_tests::harness::Supervised,
     src: std::path::PathBuf,
     guest: std::path::PathBuf,
 }
@@ -29,7 +30,7 @@ fn scene(test: &str, guest_size: &str) -> Scene {
     let daemon = rig.start_daemon();
     Scene {
         rig,
-        daemon,
+        _daemon: daemon,
         src,
         guest,
     }
@@ -122,59 +123,8 @@ fn one_gibibyte_copy_matches_sha256() {
     assert_eq!(sha256(&s.guest.join("big.iso")), sha256(&file));
 }
 
-#[test]
-fn daemon_killed_mid_copy_fails_the_copy_at_once_and_the_next_daemon_completes_it() {
-    let mut s = scene("killed", "600m");
-    let file = s.src.join("mid.bin");
-    write_pattern_file(&file, 300 << 20, 8);
-    let copying =
-        s.rig
-            .fakehost_spawn(&["copy", file.to_str().unwrap(), s.guest.to_str().unwrap()]);
-
-    // Mid-copy: the daemon has written part of the file.
-    let target = s.guest.join("mid.bin");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while std::fs::metadata(&target).map(|m| m.len()).unwrap_or(0) < (4 << 20) {
-        assert!(Instant::now() < deadline, "the copy never got going");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    s.daemon.kill();
-    let killed_at = Instant::now();
-    let out = copying.wait_with_output().expect("copy exits");
-    // The 6.1 driver fails the pending transaction when the fd closes; only the driver's 30 s
-    // timeout would be slower, so anything well under it proves the close path.
-    assert!(
-        killed_at.elapsed() < Duration::from_secs(10),
-        "the copy took {:?} to fail after the daemon died",
-        killed_at.elapsed()
-    );
-    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
-    assert!(stdout(&out).contains("0x80004005"), "{}", stdout(&out));
-
-    let _daemon = s.rig.start_daemon();
-    let again = copy(&s.rig, &file, &s.guest, &["--overwrite"]);
-    assert!(again.status.success(), "{}", stdout(&again));
-    assert_eq!(sha256(&target), sha256(&file));
-}
-
-#[test]
-fn disk_full_reports_0x80070070_and_the_partial_file_is_removed() {
-    // The daemon reports 0x80070070 only when pwrite() fails with ENOSPC; a *short* pwrite
-    // leaves errno stale and gives 0x80004005 (tools/hv/hv_fcopy_daemon.c 6.1, spec §6.2). So
-    // the tmpfs ends on a fragment boundary: 86 × 12288 bytes, a multiple of both 6144 (the
-    // fragment) and 4096 (the page tmpfs allocates).
-    let s = scene("disk_full", "1056768");
-    let file = s.src.join("too_big.bin");
-    write_pattern_file(&file, 4 << 20, 9);
-    let out = copy(&s.rig, &file, &s.guest, &[]);
-    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
-    assert!(stdout(&out).contains("0x80070070"), "{}", stdout(&out));
-    assert!(stdout(&out).contains("disk full"), "{}", stdout(&out));
-    assert!(
-        !s.guest.join("too_big.bin").exists(),
-        "CANCEL should have made the daemon delete the partial file"
-    );
-}
+// The daemon killed mid-copy and the disk full in the guest are rows of the fault matrix
+// (tests/tests/fault_matrix/fcopy.rs), with cusedev's census around them.
 
 #[test]
 fn copy_without_a_registered_daemon_fails_at_once_with_e_fail() {
