@@ -55,7 +55,10 @@ fuzz:
 ## check: the daily loop on a warm tree, in a few minutes: fmt, clippy, unit tests and the
 ## real-FUSE tests (the real daemon included), with no apt and no QEMU. Run `make deps` once
 ## first. `make test` stays the whole suite, the one CI runs.
-HOST_TESTS := $(addprefix --test ,$(filter-out qemu_%,$(basename $(notdir $(wildcard tests/tests/*.rs)))))
+# A test is a file tests/tests/<t>.rs or a directory tests/tests/<t>/main.rs (the fault matrix).
+TEST_NAMES := $(basename $(notdir $(wildcard tests/tests/*.rs))) \
+              $(notdir $(patsubst %/,%,$(dir $(wildcard tests/tests/*/main.rs))))
+HOST_TESTS := $(addprefix --test ,$(filter-out qemu_%,$(TEST_NAMES)))
 check: lint
 	$(CARGO) build --workspace --bins
 	$(CARGO) test --workspace --lib --bins --no-fail-fast
