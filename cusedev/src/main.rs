@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::thread;
 
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
-use log::{error, info};
+use log::{error, info, warn};
 use nix::sys::signal::{SigSet, Signal};
 use vmbus::address::BusAddress;
 
@@ -14,6 +14,7 @@ use cusedev::bus::client::BusClient;
 use cusedev::devices::hv_util::KernelProfile;
 use cusedev::devices::DRIVER_TABLE;
 use cusedev::frontend::{Frontend, FrontendChoice};
+use cusedev::fuse::unmount_guard::{self, UnmountGuard};
 use cusedev::table::{describe, Drivers, ProfileChoice, ProfileError};
 
 const ABOUT: &str = "Serve Linux misc character devices (/dev/vmbus/hv_fcopy, ...) from \
@@ -31,7 +32,13 @@ Which --kernel profile to choose:
 --profile DEVICE=PROFILE (the list of devices and profiles is at the end).
 
 Connects to the host and serves every device it offers until stopped (SIGINT/SIGTERM).
-Device nodes come and go with the host's offers and rescinds.";
+Device nodes come and go with the host's offers and rescinds.
+
+With the FUSE frontend a small guard process (`cusedev unmount-guard`, started by serve)
+watches cusedev's mounts: if cusedev is killed (SIGKILL, a crash), the guard lazily unmounts
+them, so no stale mount (\"Transport endpoint is not connected\") is left at /dev/vmbus.
+--no-unmount-guard goes without it; the next cusedev then unmounts what a killed one left.
+CUSE needs no guard: the kernel removes a dead cusedev's character devices by itself.";
 
 const SERVE_EXAMPLES: &str = "\
 Examples:
@@ -61,6 +68,10 @@ enum Command {
     /// (Its --help ends with the devices of the driver table, added in `main`.)
     #[command(long_about = SERVE_LONG_ABOUT)]
     Serve(ServeArgs),
+    /// Started by `serve` (FUSE frontend): unmounts serve's mounts when serve dies. Not for
+    /// running by hand; its stdin must be the socket serve made.
+    #[command(name = "unmount-guard", hide = true)]
+    UnmountGuard,
 }
 
 #[derive(clap::Args)]
@@ -85,6 +96,10 @@ struct ServeArgs {
     /// when they are missing (no devtmpfs, or another directory).
     #[arg(long, default_value = "/dev")]
     dev_root: PathBuf,
+    /// Do not start the unmount guard (FUSE frontend), the process that unmounts cusedev's
+    /// FUSE mounts if cusedev is killed (see above).
+    #[arg(long)]
+    no_unmount_guard: bool,
 }
 
 /// `--profile DEVICE=PROFILE`, checked against the driver table.
@@ -106,12 +121,34 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(e) => e.exit(),
     };
-    let Command::Serve(args) = cli.command;
+    let args = match cli.command {
+        Command::Serve(args) => args,
+        Command::UnmountGuard => return unmount_guard::run(),
+    };
     let options = matches
         .subcommand_matches("serve")
         .cloned()
         .unwrap_or_default();
     serve(args, options)
+}
+
+/// The FUSE frontend with an unmount guard watching its mounts; CUSE needs none. A guard that
+/// cannot start is worth a warning, not a refusal to serve: the next cusedev still peels off
+/// what a killed one leaves.
+fn with_unmount_guard(frontend: Frontend) -> Frontend {
+    match frontend {
+        Frontend::Fuse(fuse) => match UnmountGuard::spawn() {
+            Ok(guard) => Frontend::Fuse(fuse.with_unmount_guard(guard)),
+            Err(e) => {
+                warn!(
+                    "cannot start the unmount guard: {e}; if cusedev is killed its mounts stay \
+                     until the next cusedev takes them away"
+                );
+                Frontend::Fuse(fuse)
+            }
+        },
+        cuse => cuse,
+    }
 }
 
 fn serve(args: ServeArgs, options: clap::ArgMatches) -> ExitCode {
@@ -141,7 +178,8 @@ fn serve(args: ServeArgs, options: clap::ArgMatches) -> ExitCode {
     }
 
     let registry = match Frontend::choose(args.frontend, &args.dev_root) {
-        Ok(frontend) => Arc::new(frontend),
+        Ok(frontend) if args.no_unmount_guard => Arc::new(frontend),
+        Ok(frontend) => Arc::new(with_unmount_guard(frontend)),
         Err(why) => {
             error!("no frontend can run: {why}");
             return ExitCode::from(2);

@@ -14,6 +14,10 @@
 //! as /dev shows no node for an unregistered device. Files open at that moment keep working
 //! until closed, so its session goes on serving them ("retired") until the kernel, its mount
 //! unused at last, ends the connection.
+//!
+//! With an [`UnmountGuard`] ([`FuseFrontend::with_unmount_guard`], what `cusedev serve` does
+//! by default) every mount is handed to the guard as it is made, and forgotten just before
+//! the frontend unmounts it itself: if cusedev is killed, the guard unmounts what is left.
 
 use std::collections::BTreeMap;
 use std::os::fd::AsFd;
@@ -27,30 +31,45 @@ use super::mount::{self, DIRECTORY_ROOT};
 use super::mount_point;
 use super::name::{parse_node_name, NodeName};
 use super::session::{RequestHandler, Session};
+use super::unmount_guard::{Guarded, UnmountGuard};
 use crate::device::Device;
 
 /// One FUSE connection mounted at `path`.
 struct Mount {
     path: PathBuf,
     session: Session,
+    /// The guard's watch on this mount, until we unmount it ourselves.
+    guarded: Option<Guarded>,
 }
 
 impl Mount {
     /// Mounts a new connection at `path` (made ready by [`mount_point`]) with a root of mode
-    /// `root_mode`, and starts the session that serves it with `handler`.
+    /// `root_mode`, hands it to `guard` (if any) and starts the session that serves it with
+    /// `handler`.
     fn start(
         path: PathBuf,
         root_mode: u32,
         handler: Arc<dyn RequestHandler>,
+        guard: Option<&Arc<UnmountGuard>>,
     ) -> Result<Mount, FrontendError> {
         let fd = mount::open_fuse_device()?;
         mount::mount_fuse(fd.as_fd(), &path, root_mode)?;
+        // At once, before the session starts: the less time the mount spends unguarded, the
+        // smaller the window in which a kill still leaves it behind.
+        let guarded = guard.and_then(|guard| guard.watch(&path));
         let label = path.display().to_string();
         match Session::start(fd, handler, &label) {
-            Ok(session) => Ok(Mount { path, session }),
+            Ok(session) => Ok(Mount {
+                path,
+                session,
+                guarded,
+            }),
             Err(source) => {
                 // The fd is closed by now, which aborted the connection; take the dead mount
                 // away so the next attempt does not find it.
+                if let Some(guarded) = guarded {
+                    guarded.forget();
+                }
                 let _ = mount::unmount(&path);
                 Err(FrontendError::Session { path, source })
             }
@@ -58,7 +77,10 @@ impl Mount {
     }
 
     /// Detaches the mount (processes with a file open there keep it until they close it).
-    fn unmount(&self) {
+    fn unmount(&mut self) {
+        if let Some(guarded) = self.guarded.take() {
+            guarded.forget();
+        }
         match mount::unmount(&self.path) {
             Ok(()) => log::info!("unmounted {}", self.path.display()),
             Err(err) => log::warn!("cannot unmount {}: {err}", self.path.display()),
@@ -101,6 +123,8 @@ impl State {
 pub struct FuseFrontend {
     dev_root: PathBuf,
     state: Mutex<State>,
+    /// Unmounts our mounts if we are killed; let go at [`FuseFrontend::shutdown`].
+    guard: Option<Arc<UnmountGuard>>,
 }
 
 /// The name of `name`'s node, or why the frontend refuses it.
@@ -118,7 +142,14 @@ impl FuseFrontend {
         FuseFrontend {
             dev_root: dev_root.to_owned(),
             state: Mutex::new(State::default()),
+            guard: None,
         }
+    }
+
+    /// The same frontend with every mount it makes from now on watched by `guard`.
+    pub fn with_unmount_guard(mut self, guard: UnmountGuard) -> FuseFrontend {
+        self.guard = Some(Arc::new(guard));
+        self
     }
 
     /// Checks that this machine can run the frontend at all (`/dev/fuse` opens).
@@ -255,13 +286,22 @@ impl FuseFrontend {
         for mut session in sessions {
             session.stop();
         }
+        // Everything is unmounted and forgotten: the guard has nothing left to do.
+        if let Some(guard) = &self.guard {
+            guard.finish();
+        }
     }
 
     fn mount_dir(&self, dir: &str) -> Result<DirMount, FrontendError> {
         let path = self.dev_root.join(dir);
         mount_point::prepare_dir(&path)?;
         let device_dir = Arc::new(DeviceDir::new(&path));
-        let mount = Mount::start(path, DIRECTORY_ROOT, device_dir.clone())?;
+        let mount = Mount::start(
+            path,
+            DIRECTORY_ROOT,
+            device_dir.clone(),
+            self.guard.as_ref(),
+        )?;
         log::info!("mounted FUSE device directory {}", mount.path.display());
         Ok(DirMount {
             mount,
@@ -273,7 +313,8 @@ impl FuseFrontend {
         let path = self.dev_root.join(leaf);
         let file = Arc::new(DeviceFile::new(&path, device));
         mount_point::prepare_file(&path, file.root_mode() & 0o7777)?;
-        match Mount::start(path.clone(), file.root_mode(), file.clone()) {
+        let guard = self.guard.as_ref();
+        match Mount::start(path.clone(), file.root_mode(), file.clone(), guard) {
             Ok(mount) => Ok(FileMount { mount, file }),
             Err(err) => {
                 mount_point::remove_file(&path);
@@ -286,7 +327,7 @@ impl FuseFrontend {
 /// Takes a top-level device away: opens that already walked the path get ENODEV, the mount
 /// is detached, the file under it deleted. Returns the session, which serves the files still
 /// open until they are closed (or it is stopped).
-fn unmount_file(mounted: FileMount) -> Session {
+fn unmount_file(mut mounted: FileMount) -> Session {
     mounted.file.deregister();
     mounted.mount.unmount();
     mount_point::remove_file(&mounted.mount.path);

@@ -11,7 +11,8 @@
 //!   [`file`]: that of a top-level device, the mount's root being the device (`/dev/lguest`).
 //! - [`name`]: which device names are accepted, and where their nodes go.
 //! - [`mount_point`], [`mount`], [`frontend`]: what must be at the path, mounting there under
-//!   `/dev`, and which mount serves which device.
+//!   `/dev`, and which mount serves which device; [`unmount_guard`]: the process that takes
+//!   the mounts away if cusedev is killed.
 //!
 //! A CUSE frontend reuses `abi`, `channel`, `init` and `session` with a handler of its own
 //! (CUSE_INIT, one device, no nodes).
@@ -33,6 +34,7 @@ pub mod name;
 pub mod session;
 #[cfg(test)]
 mod testing;
+pub mod unmount_guard;
 
 pub use dir::DeviceDir;
 pub use error::FrontendError;
