@@ -25,7 +25,7 @@ pub const CLI: ServiceCli = ServiceCli {
     serve_args: |serve| KvpServeArgs::augment_args(serve),
 };
 
-/// KVP's option of `fakehost serve`.
+// KVP's option of `fakehost serve`.
 #[derive(Debug, Args)]
 pub struct KvpServeArgs {
     /// VirtualMachineName the KVP host pushes into the guest's pool 3 (with HostName,

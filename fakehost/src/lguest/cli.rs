@@ -29,7 +29,7 @@ pub const CLI: ServiceCli = ServiceCli {
     serve_args: |serve| LguestServeArgs::augment_args(serve),
 };
 
-/// lguest's option of `fakehost serve`: the script every new Guest runs.
+// lguest's option of `fakehost serve`: the script every new Guest runs.
 #[derive(Debug, Args)]
 pub struct LguestServeArgs {
     /// Script every new lguest Guest runs (docs/lguest-guest.md); a script that does not

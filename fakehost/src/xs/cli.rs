@@ -32,7 +32,7 @@ pub const CLI: ServiceCli = ServiceCli {
     serve_args: |serve| ServeArgs::augment_args(serve),
 };
 
-/// xs's options of `fakehost serve`: where the blobs are.
+// xs's options of `fakehost serve`: where the blobs are.
 #[derive(Debug, Args)]
 pub struct ServeArgs {
     /// Directory of the XStore service's blobs (created if missing)
