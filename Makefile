@@ -37,16 +37,17 @@ test: deps lint guest fuzz-replay
 
 ## fuzz-replay (part of test): every fuzz target over its committed corpus (fuzz/corpus), twice:
 ## the libFuzzer binaries with -runs=0 (cargo-fuzz --sanitizer none on stable, installed into
-## build/cargo-root) and a plain `cargo test` of the same bodies (fuzz/tests/corpus.rs). A
-## crashing input fails the build. Cold about 75 s, warm a few seconds (docs/fuzzing.md).
+## build/cargo-root) and a plain `cargo test` of the same bodies (fuzz/tests/corpus.rs; engine
+## inputs also through a session with a reader thread). A crashing input fails the build. Cold
+## a few minutes, warm a few seconds (docs/fuzzing.md).
 fuzz-replay:
 	$(CARGO) fmt --manifest-path fuzz/Cargo.toml -- --check
 	$(CARGO) clippy --manifest-path fuzz/Cargo.toml --all-targets -- -D warnings
 	$(CARGO) test --manifest-path fuzz/Cargo.toml
 	@tests/scripts/fuzz.sh replay
 
-## fuzz (not part of test): every vmbus fuzz target under libFuzzer for FUZZ_SECONDS (default 60)
-## each, on stable (cargo-fuzz --sanitizer none, installed into build/cargo-root); prints execs,
+## fuzz (not part of test): every fuzz target (vmbus, engine, ioctl, vhost) under libFuzzer for
+## FUZZ_SECONDS (default 60) each, on stable (cargo-fuzz --sanitizer none, installed into build/cargo-root); prints execs,
 ## coverage and crashes per target (FUZZ_TARGETS, FUZZ_MAX_LEN, FUZZ_ARGS: tests/scripts/fuzz.sh).
 FUZZ_SECONDS ?= 60
 fuzz:

@@ -2,9 +2,14 @@
 //! own encoders, into `fuzz/corpus/<target>/<name>` (run from anywhere:
 //! `cargo run --manifest-path fuzz/Cargo.toml --example seed`). Existing files are replaced;
 //! inputs libFuzzer found are kept elsewhere (build/fuzz/corpus), not here.
+//!
+//! The engine and vhost targets read their input structurally (`arbitrary`), so any bytes are
+//! a valid script; their seeds are fixed pseudo-random strings of a few lengths, with the first
+//! bytes chosen where they pick the shape (a proper INIT first, a well-formed chain).
 
 use std::path::Path;
 
+use cusedev::fuse::abi::{ioctl_flags, IoctlIn, IoctlIovec};
 use vmbus::channel_msg::ChannelMessage;
 use vmbus::guest_memory::MemoryMessage;
 use vmbus::guid::Guid;
@@ -17,10 +22,29 @@ use vmbus::stream::{encode_frame, kind, Hello};
 use vmbus::xs_fastpath::xstore::{self, Op, Request, Status};
 use vmbus::xs_fastpath::{encode_request_packet, VspRequest};
 use vmbus::{fcopy, vss};
-use zerocopy::FromZeros;
+use zerocopy::{FromZeros, IntoBytes};
 
 fn payload_of(packet: &[u8]) -> Vec<u8> {
     parse_packet(packet).expect("own packet").payload.to_vec()
+}
+
+/// `n` bytes of a fixed xorshift sequence (the same on every run).
+fn noise(seed: u64, n: usize) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+fn with_prefix(prefix: &[u8], rest: Vec<u8>) -> Vec<u8> {
+    let mut out = prefix.to_vec();
+    out.extend(rest);
+    out
 }
 
 fn main() {
@@ -289,6 +313,58 @@ fn main() {
         }
         .encode(1),
     );
+
+    // Engine scripts: `[0; 4]` picks InitChoice::Proper, then random requests.
+    let names = ["short", "medium", "long"];
+    for (i, (name, len)) in names.iter().zip([96usize, 512, 2048]).enumerate() {
+        for target in ["fuse_engine", "cuse_engine"] {
+            add(
+                target,
+                name,
+                with_prefix(&[0; 4], noise(11 + i as u64, len)),
+            );
+        }
+        add("vhost_chain", name, noise(23 + i as u64, len));
+        add("vsock_device", name, noise(37 + i as u64, len));
+    }
+    for target in ["fuse_engine", "cuse_engine"] {
+        add(target, "no_init", noise(5, 300));
+    }
+    // An odd first byte: bool true, a well-formed chain.
+    add(
+        "vhost_chain",
+        "well_formed",
+        with_prefix(&[1], noise(41, 600)),
+    );
+
+    // ioctl_retry, raw: a fuse_ioctl_in, then the split byte and iovecs.
+    let ioctl_in = |flags: u32| {
+        IoctlIn {
+            fh: 1,
+            flags,
+            cmd: 0xc010_4d02,
+            arg: 0x7fff_0000,
+            in_size: 8,
+            out_size: 64,
+        }
+        .as_bytes()
+        .to_vec()
+    };
+    let mut iovecs = vec![1u8];
+    for (base, len) in [(0x7fff_0000u64, 16u64), (0x5000, 4096), (u64::MAX - 1, 2)] {
+        iovecs.extend(IoctlIovec { base, len }.as_bytes());
+    }
+    add(
+        "ioctl_retry",
+        "unrestricted",
+        with_prefix(&ioctl_in(ioctl_flags::UNRESTRICTED), iovecs.clone()),
+    );
+    add(
+        "ioctl_retry",
+        "restricted",
+        with_prefix(&ioctl_in(0), iovecs),
+    );
+    add("ioctl_retry", "structured", noise(53, 700));
 
     for (target, name, bytes) in seeds {
         let dir = root.join(target);

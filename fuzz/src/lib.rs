@@ -1,4 +1,6 @@
-//! The bodies of the vmbus fuzz targets, one public function per target.
+//! The bodies of the fuzz targets, one public function per target: the vmbus wire parsers
+//! here, the cusedev engine in [`engine`], its ioctl retry lists in [`ioctl_retry`], vhost's
+//! descriptor chains and vsock device in [`vhost`].
 //!
 //! Each `fuzz_targets/<name>.rs` only calls the function of the same name, so the same code
 //! runs under libFuzzer (`make fuzz`) and under a plain `cargo test` that replays the committed
@@ -14,6 +16,15 @@
 use arbitrary::{Arbitrary, Result as ArbResult, Unstructured};
 
 use vmbus::ic::{IcVersion, ICMSG_HDR_LEN};
+
+pub mod engine;
+pub mod ioctl_retry;
+pub mod vhost;
+
+pub use ioctl_retry::ioctl_retry;
+pub use vhost::{vhost_chain, vsock_device};
+
+use engine::{Mode, Personality};
 
 /// Runs `f` over the input read structurally; running out of bytes just ends it.
 fn structured(data: &[u8], f: impl FnOnce(&mut Unstructured<'_>) -> ArbResult<()>) {
@@ -631,4 +642,36 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("xs_fastpath", xs_fastpath),
     ("guest_memory", guest_memory),
     ("lguest", lguest),
+    ("fuse_engine", fuse_engine),
+    ("cuse_engine", cuse_engine),
+    ("ioctl_retry", ioctl_retry),
+    ("vhost_chain", vhost_chain),
+    ("vsock_device", vsock_device),
 ];
+
+/// The engine targets again, served by the real `Session` and its reader thread instead of
+/// one request at a time on the caller's (see [`engine`]); the corpus replay runs both.
+pub const THREADED_TARGETS: &[(&str, Target)] = &[
+    ("fuse_engine", fuse_engine_threaded),
+    ("cuse_engine", cuse_engine_threaded),
+];
+
+/// The FUSE engine (a mount's `DeviceDir` holding the toy device), requests served stepwise.
+pub fn fuse_engine(data: &[u8]) {
+    engine::run(data, Personality::Fuse, Mode::Stepped);
+}
+
+/// The CUSE personality (`CuseHandler`, CUSE_INIT, nodeid 0), requests served stepwise.
+pub fn cuse_engine(data: &[u8]) {
+    engine::run(data, Personality::Cuse, Mode::Stepped);
+}
+
+/// [`fuse_engine`] with the session's reader thread.
+pub fn fuse_engine_threaded(data: &[u8]) {
+    engine::run(data, Personality::Fuse, Mode::Threaded);
+}
+
+/// [`cuse_engine`] with the session's reader thread.
+pub fn cuse_engine_threaded(data: &[u8]) {
+    engine::run(data, Personality::Cuse, Mode::Threaded);
+}

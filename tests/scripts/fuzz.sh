@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# make fuzz: every vmbus fuzz target (fuzz/fuzz_targets) under libFuzzer for FUZZ_SECONDS each,
+# make fuzz: every fuzz target (fuzz/fuzz_targets: vmbus, engine, ioctl, vhost) under libFuzzer for FUZZ_SECONDS each,
 # on the stable toolchain (cargo-fuzz --sanitizer none; docs/fuzzing.md says why), then one
 # line per target: execs, coverage (cov/ft from libFuzzer's final stats) and crashes.
 #
@@ -10,6 +10,7 @@
 #   FUZZ_SECONDS=60      time per target
 #   FUZZ_TARGETS="a b"   a subset (default: every target in fuzz/fuzz_targets)
 #   FUZZ_MAX_LEN=16384   libFuzzer -max_len (a KVP message is 7432 bytes, above its 4096 default)
+#   FUZZ_TIMEOUT=10      libFuzzer -timeout: an input running longer is a crash (a hung engine)
 #   FUZZ_ARGS="..."      more libFuzzer flags
 # Exit status 1 when any target crashed; the input is in build/fuzz/artifacts/<t>/ and the
 # command that reproduces it is printed.
@@ -19,6 +20,7 @@ cd "$top"
 mode=${1:-fuzz}
 seconds=${FUZZ_SECONDS:-60}
 max_len=${FUZZ_MAX_LEN:-16384}
+timeout=${FUZZ_TIMEOUT:-10}
 targets=${FUZZ_TARGETS:-$(basename -s .rs fuzz/fuzz_targets/*.rs | tr '\n' ' ')}
 
 # cargo-fuzz, pinned, into the project's own cargo root (like vhost-device-vsock in bench).
@@ -51,7 +53,7 @@ for t in $targets; do
         args=(-max_total_time="$seconds" "$work" "fuzz/corpus/$t")
     fi
     # shellcheck disable=SC2086
-    if "$bin_dir/$t" -artifact_prefix="$art/" -max_len="$max_len" -print_final_stats=1 \
+    if "$bin_dir/$t" -artifact_prefix="$art/" -max_len="$max_len" -timeout="$timeout" -print_final_stats=1 \
         ${FUZZ_ARGS:-} "${args[@]}" >"$log" 2>&1; then
         rc=0
     else

@@ -62,6 +62,9 @@ use super::ioctl;
 use crate::device::{Caller, Device, Handle, IoctlOutcome, Pending, PollNotify, PollWaker};
 use crate::wait::Interrupt;
 
+#[doc(hidden)]
+pub mod fuzzing;
+
 /// Most reader threads one session runs. Readers only ever wait in `read(2)` on the device
 /// (sleeping requests are parked, not threads), so this bounds how many *slow* calls can run
 /// at once before the next request waits for one of them.
@@ -191,6 +194,32 @@ struct Shared {
     reader_done: Condvar,
 }
 
+impl Shared {
+    fn new(
+        fd: OwnedFd,
+        handler: Arc<dyn RequestHandler>,
+        label: &str,
+        max_readers: usize,
+    ) -> Shared {
+        Shared {
+            label: label.to_owned(),
+            channel: Arc::new(Channel::new(fd)),
+            handler,
+            files: RwLock::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
+            in_flight: Mutex::new(HashMap::new()),
+            flushed: Mutex::new(HashMap::new()),
+            flushed_count: AtomicUsize::new(0),
+            released: Condvar::new(),
+            stopping: AtomicBool::new(false),
+            max_readers: max_readers.max(1),
+            readers: Mutex::new(Readers::default()),
+            idle: AtomicUsize::new(0),
+            reader_done: Condvar::new(),
+        }
+    }
+}
+
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -230,22 +259,7 @@ impl Session {
         max_readers: usize,
     ) -> io::Result<Session> {
         install_wake_signal()?;
-        let shared = Arc::new(Shared {
-            label: label.to_owned(),
-            channel: Arc::new(Channel::new(fd)),
-            handler,
-            files: RwLock::new(HashMap::new()),
-            next_fh: AtomicU64::new(1),
-            in_flight: Mutex::new(HashMap::new()),
-            flushed: Mutex::new(HashMap::new()),
-            flushed_count: AtomicUsize::new(0),
-            released: Condvar::new(),
-            stopping: AtomicBool::new(false),
-            max_readers: max_readers.max(1),
-            readers: Mutex::new(Readers::default()),
-            idle: AtomicUsize::new(0),
-            reader_done: Condvar::new(),
-        });
+        let shared = Arc::new(Shared::new(fd, handler, label, max_readers));
         spawn_reader(&shared)?;
         log::debug!("{label}: FUSE session started");
         Ok(Session {
