@@ -29,8 +29,13 @@ pub fn call<'a>(ioctl_in: &IoctlIn, input: &'a [u8]) -> IoctlCall<'a> {
     }
 }
 
-/// Why a driver's answer cannot be sent as it is. The caller of ioctl(2) gets EIO, which is
-/// also what the kernel would give it for each of these answers.
+/// Why a driver's answer cannot be sent as it is: a bug of our own device model, never the
+/// caller's doing, so the caller of ioctl(2) gets EIO and the session logs it. Sent as it is,
+/// the kernel would refuse each too (fs/fuse/ioctl.c `fuse_do_ioctl`, Linux 6.1): a retry on a
+/// restricted ioctl with EIO, too many buffers with ENOMEM (and so, under CUSE, a direction
+/// longer than `max_pages` pages: the fuzz target `ioctl_retry` models it, decision 52); a
+/// wrapping buffer is longer than any request's pages, which `fuse_verify_ioctl_iov` refuses
+/// with ENOMEM too.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ReplyError {
     #[error("the driver asked for caller buffers on a restricted (FUSE mount) ioctl")]
