@@ -282,8 +282,9 @@ done
 count() { # PATTERN FILE...: lines matching
     cat "${@:2}" 2>/dev/null | grep -c -E "$1" || true
 }
-sum_field() { # AWK-FIELD PATTERN FILE...: sum of that field over matching lines
-    cat "${@:3}" 2>/dev/null | awk -v f="$1" "/$2/ { s += \$f } END { printf \"%d\", s }"
+sum_field() { # AWK-FIELD PATTERN FILE...: sum of that field over matching lines (%.0f: mawk's
+    # %d stops at 2^31 - 1)
+    cat "${@:3}" 2>/dev/null | awk -v f="$1" "/$2/ { s += \$f } END { printf \"%.0f\", s }"
 }
 summary() {
     local phase copies xs_logs launcher_logs
