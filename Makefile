@@ -3,7 +3,7 @@
 CARGO      ?= cargo
 RELEASE    := target/release
 
-.PHONY: all build deps demo qemu-demo test check lint unit e2e bench guest fuzz fuzz-replay clean
+.PHONY: all build deps demo qemu-demo test check lint unit e2e bench soak guest fuzz fuzz-replay clean
 
 all: build
 
@@ -83,6 +83,15 @@ bench: deps guest
 	@tests/scripts/bench-xs.sh $(RELEASE)
 	@tests/scripts/bench-lguest.sh $(RELEASE)
 	@tests/scripts/bench-qemu.sh $(RELEASE)
+
+## soak (not part of test): for SOAK_SECONDS (default 600) fakehost copy through the real daemon,
+## the xs client and a lguest Launcher in parallel against one fakehost + cusedev (FUSE), blobs
+## in Azurite; every copy checked by sha256, and RSS, threads and fds of fakehost, cusedev, the
+## daemon and Azurite sampled into build/soak/samples.csv and checked flat (docs/soak.md).
+SOAK_SECONDS ?= 600
+soak: deps
+	$(CARGO) build --release --workspace --bins
+	@SOAK_SECONDS=$(SOAK_SECONDS) tests/scripts/soak.sh $(RELEASE)
 
 ## guest: the QEMU test guest (Debian's 6.1 kernel as vmlinux + busybox initramfs that chroots
 ## into the host root); cached in build/guest, rebuilt only when its inputs change.
