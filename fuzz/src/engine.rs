@@ -619,10 +619,19 @@ impl Kernel {
     }
 
     fn recv_within(&self, wait: Duration) -> Option<Msg> {
-        let mut fds = [PollFd::new(self.sock.as_fd(), PollFlags::POLLIN)];
-        let timeout = PollTimeout::try_from(wait).unwrap_or(PollTimeout::MAX);
-        if nix::poll::poll(&mut fds, timeout).expect("poll") == 0 {
-            return None;
+        // libFuzzer's -timeout is a SIGALRM every second or so: a poll it interrupts is asked
+        // again for what is left of the wait, not counted as a crash of the engine.
+        let deadline = std::time::Instant::now() + wait;
+        loop {
+            let mut fds = [PollFd::new(self.sock.as_fd(), PollFlags::POLLIN)];
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let timeout = PollTimeout::try_from(left).unwrap_or(PollTimeout::MAX);
+            match nix::poll::poll(&mut fds, timeout) {
+                Ok(0) => return None,
+                Ok(_) => break,
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => panic!("poll: {e}"),
+            }
         }
         let mut buf = vec![0u8; 1 << 18];
         let n = recv(
