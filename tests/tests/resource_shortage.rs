@@ -10,7 +10,7 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use cusedev_tests::census::{wait_for_baseline, Census};
 use cusedev_tests::dev::{Dev, Errno};
@@ -168,7 +168,23 @@ fn rescinded_rig_in_a_cgroup(service: &str, device: &str) -> (Rig, Census, PidsC
         .serves(device)
         .start();
     rescind(&rig, service, &format!("/dev/{device} removed"));
-    let baseline = Census::of(rig.guest.pid());
+    // The rescinded channel's thread (`chan-<relid>`) ends a moment after cusedev logs the
+    // release; a baseline taken before would count it, and the refused offer would then seem
+    // to have lost a thread and two fds.
+    let pid = rig.guest.pid();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Census::of(pid)
+        .threads
+        .keys()
+        .any(|name| name.starts_with("chan-"))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the rescinded channel's thread never ended"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let baseline = Census::settled(pid, Duration::from_secs(10));
     let cgroup = PidsCgroup::create(service);
     cgroup.adopt(rig.guest.pid());
     (rig, baseline, cgroup)
