@@ -7,31 +7,48 @@ use crate::bus::client::DeviceRegistry;
 use crate::cuse::CuseFrontend;
 use crate::device::Device;
 use crate::fuse::FuseFrontend;
+use crate::preload::PreloadFrontend;
 
 /// What the user asked for with `--frontend`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum FrontendChoice {
-    /// CUSE when this kernel has it (loading the module if needed), else a FUSE mount.
+    /// CUSE when this kernel has it (loading the module if needed), else a FUSE mount, else
+    /// the preload frontend.
     Auto,
     /// Real character devices through /dev/cuse.
     Cuse,
     /// Files in a FUSE mount over the device's directory (or on its own file, /dev/lguest).
     Fuse,
+    /// No kernel help: only processes started with the preload library (`cusedev run`) see
+    /// the devices (docs/preload.md).
+    Preload,
 }
 
 /// The frontend that runs.
 pub enum Frontend {
     Cuse(CuseFrontend),
     Fuse(FuseFrontend),
+    Preload(PreloadFrontend),
 }
 
 impl Frontend {
     /// Picks and checks the frontend, saying in the log which one runs and why. The error is
     /// the reason no frontend can run.
-    pub fn choose(choice: FrontendChoice, dev_root: &Path) -> Result<Frontend, String> {
+    /// `preload_dir` is the preload frontend's run directory (`None`: the default one).
+    pub fn choose(
+        choice: FrontendChoice,
+        dev_root: &Path,
+        preload_dir: Option<&Path>,
+    ) -> Result<Frontend, String> {
         let fuse = || -> Result<Frontend, String> {
             FuseFrontend::probe().map_err(|err| err.to_string())?;
             Ok(Frontend::Fuse(FuseFrontend::new(dev_root)))
+        };
+        let preload = |why: String| -> Result<Frontend, String> {
+            let frontend =
+                PreloadFrontend::start(dev_root, preload_dir).map_err(|err| err.to_string())?;
+            log::info!("frontend: preload ({why}; devices under {} only for processes started with the preload library)", dev_root.display());
+            Ok(Frontend::Preload(frontend))
         };
         match choice {
             FrontendChoice::Cuse => {
@@ -50,6 +67,7 @@ impl Frontend {
                 );
                 Ok(frontend)
             }
+            FrontendChoice::Preload => preload("as asked".to_owned()),
             FrontendChoice::Auto => match CuseFrontend::probe() {
                 Ok(()) => {
                     log::info!(
@@ -58,15 +76,19 @@ impl Frontend {
                     );
                     Ok(Frontend::Cuse(CuseFrontend::new(dev_root)))
                 }
-                Err(why_not) => {
-                    let frontend = fuse()?;
-                    log::info!(
-                        "frontend: FUSE mount under {} (auto: no CUSE here: {why_not}; stat() \
-                         shows regular files instead of character devices)",
-                        dev_root.display()
-                    );
-                    Ok(frontend)
-                }
+                Err(why_not) => match fuse() {
+                    Ok(frontend) => {
+                        log::info!(
+                            "frontend: FUSE mount under {} (auto: no CUSE here: {why_not}; \
+                             stat() shows regular files instead of character devices)",
+                            dev_root.display()
+                        );
+                        Ok(frontend)
+                    }
+                    Err(no_fuse) => preload(format!(
+                        "auto: no CUSE here: {why_not}; no FUSE either: {no_fuse}"
+                    )),
+                },
             },
         }
     }
@@ -76,6 +98,7 @@ impl Frontend {
         match self {
             Frontend::Cuse(cuse) => cuse.shutdown(),
             Frontend::Fuse(fuse) => fuse.shutdown(),
+            Frontend::Preload(preload) => preload.shutdown(),
         }
     }
 }
@@ -85,6 +108,7 @@ impl DeviceRegistry for Frontend {
         match self {
             Frontend::Cuse(cuse) => cuse.add_device(device).map_err(|e| e.to_string()),
             Frontend::Fuse(fuse) => fuse.add_device(device).map_err(|e| e.to_string()),
+            Frontend::Preload(preload) => preload.add_device(device).map_err(|e| e.to_string()),
         }
     }
 
@@ -92,6 +116,10 @@ impl DeviceRegistry for Frontend {
         let result = match self {
             Frontend::Cuse(cuse) => cuse.remove_device(name).map_err(|e| e.to_string()),
             Frontend::Fuse(fuse) => fuse.remove_device(name).map_err(|e| e.to_string()),
+            Frontend::Preload(preload) => {
+                preload.remove_device(name);
+                Ok(())
+            }
         };
         if let Err(e) = result {
             log::error!("removing /dev/{name}: {e}");

@@ -17,6 +17,7 @@ pub mod device;
 pub mod devices;
 pub mod frontend;
 pub mod fuse;
+pub mod preload;
 pub mod reply;
 pub mod table;
 pub mod wait;

@@ -1,9 +1,11 @@
 //! `cusedev serve`: connects to a (fake) host and serves the devices it offers.
 
+use std::ffi::OsString;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::thread;
+use std::time::Duration;
 
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use log::{error, info, warn};
@@ -15,6 +17,7 @@ use cusedev::devices::hv_util::KernelProfile;
 use cusedev::devices::DRIVER_TABLE;
 use cusedev::frontend::{Frontend, FrontendChoice};
 use cusedev::fuse::unmount_guard::{self, UnmountGuard};
+use cusedev::preload::command as run;
 use cusedev::table::{describe, Drivers, ProfileChoice, ProfileError};
 
 const ABOUT: &str = "Serve Linux misc character devices (/dev/vmbus/hv_fcopy, ...) from \
@@ -72,6 +75,42 @@ enum Command {
     /// running by hand; its stdin must be the socket serve made.
     #[command(name = "unmount-guard", hide = true)]
     UnmountGuard,
+    /// Serve the host's devices to one command and its children only, through the preload
+    /// library: no CUSE, no FUSE, no root needed. Exits with the command's status.
+    #[command(long_about = RUN_LONG_ABOUT)]
+    Run(RunArgs),
+}
+
+const RUN_LONG_ABOUT: &str = "\
+Serve the host's devices to one command and its children only, through the preload library
+(LD_PRELOAD): no /dev/cuse, no /dev/fuse and no root needed, as in a CI container.
+
+cusedev connects to the host, waits until the host's first offers are bound (at most
+--ready-timeout), then starts COMMAND with the library preloaded. COMMAND and everything it
+starts see the devices at their usual paths (/dev/vmbus/hv_fcopy, ...); nothing else on the
+machine does. When COMMAND exits, cusedev stops and exits with its status (128+N if a signal
+N ended it). SIGINT and SIGTERM sent to cusedev are passed on to COMMAND.
+
+What differs from a kernel device is listed in the README (\"The preload frontend\");
+docs/preload.md has the design.";
+
+const RUN_EXAMPLES: &str = "\
+Examples:
+  fakehost serve --listen unix:$XDG_RUNTIME_DIR/cusedev/bus.sock &
+  cusedev run --host unix:$XDG_RUNTIME_DIR/cusedev/bus.sock -- /usr/sbin/hv_fcopy_daemon -n
+  cusedev run --host unix:/tmp/bus.sock -- ./lguest-launcher console";
+
+#[derive(clap::Args)]
+struct RunArgs {
+    #[command(flatten)]
+    serve: ServeArgs,
+    /// How long to wait for the host's first offers to be bound before starting COMMAND
+    /// anyway (with a warning), in seconds.
+    #[arg(long, default_value_t = 10.0, value_name = "SECS")]
+    ready_timeout: f64,
+    /// The command to run, after `--`.
+    #[arg(last = true, required = true, value_name = "COMMAND")]
+    command: Vec<OsString>,
 }
 
 #[derive(clap::Args)]
@@ -81,9 +120,15 @@ struct ServeArgs {
     #[arg(long, default_value = "unix:/run/cusedev/bus.sock")]
     host: BusAddress,
     /// How device nodes are made: cuse (real character devices), fuse (a FUSE mount over the
-    /// device's directory), or auto (CUSE when available, else FUSE).
-    #[arg(long, value_enum, default_value_t = FrontendChoice::Auto)]
-    frontend: FrontendChoice,
+    /// device's directory), preload (only for processes started with the preload library), or
+    /// auto (CUSE when available, else FUSE, else preload). Default: auto for serve, preload
+    /// for run.
+    #[arg(long, value_enum)]
+    frontend: Option<FrontendChoice>,
+    /// The preload frontend's run directory (its socket and the library); default
+    /// $XDG_RUNTIME_DIR/cusedev/run-PID (/run/cusedev/run-PID for root).
+    #[arg(long, value_name = "DIR")]
+    preload_dir: Option<PathBuf>,
     /// Which kernel's driver behaviour to reproduce (see above).
     #[arg(long, value_enum, default_value_t = KernelProfile::Linux6_1)]
     kernel: KernelProfile,
@@ -112,24 +157,42 @@ fn main() -> ExitCode {
     // The device list is generated from the table, so it cannot be a derive attribute.
     let after_help = format!("{}\n\n{SERVE_EXAMPLES}", describe(DRIVER_TABLE));
     // Rows add their own options (`--lguest-word`); their probes read them back.
+    let run_after_help = format!("{}\n\n{RUN_EXAMPLES}", describe(DRIVER_TABLE));
     let matches = Cli::command()
         .mut_subcommand("serve", |serve| {
             Drivers::augment(DRIVER_TABLE, serve.after_help(after_help))
+        })
+        .mut_subcommand("run", |run| {
+            Drivers::augment(DRIVER_TABLE, run.after_help(run_after_help))
         })
         .get_matches();
     let cli = match Cli::from_arg_matches(&matches) {
         Ok(cli) => cli,
         Err(e) => e.exit(),
     };
-    let args = match cli.command {
-        Command::Serve(args) => args,
+    let (args, run, subcommand) = match cli.command {
+        Command::Serve(args) => (args, None, "serve"),
+        Command::Run(run) => {
+            let command = RunCommand {
+                argv: run.command,
+                ready_timeout: Duration::try_from_secs_f64(run.ready_timeout)
+                    .unwrap_or(Duration::from_secs(10)),
+            };
+            (run.serve, Some(command), "run")
+        }
         Command::UnmountGuard => return unmount_guard::run(),
     };
     let options = matches
-        .subcommand_matches("serve")
+        .subcommand_matches(subcommand)
         .cloned()
         .unwrap_or_default();
-    serve(args, options)
+    serve(args, options, run)
+}
+
+/// What `cusedev run` starts once the devices are there.
+struct RunCommand {
+    argv: Vec<OsString>,
+    ready_timeout: Duration,
 }
 
 /// The FUSE frontend with an unmount guard watching its mounts; CUSE needs none. A guard that
@@ -151,7 +214,7 @@ fn with_unmount_guard(frontend: Frontend) -> Frontend {
     }
 }
 
-fn serve(args: ServeArgs, options: clap::ArgMatches) -> ExitCode {
+fn serve(args: ServeArgs, options: clap::ArgMatches, run: Option<RunCommand>) -> ExitCode {
     let drivers = match Drivers::configure(DRIVER_TABLE, Some(args.kernel.name()), &args.profiles) {
         Ok(drivers) => drivers.with_options(options),
         Err(e) => {
@@ -177,7 +240,16 @@ fn serve(args: ServeArgs, options: clap::ArgMatches) -> ExitCode {
         return ExitCode::FAILURE;
     }
 
-    let registry = match Frontend::choose(args.frontend, &args.dev_root) {
+    let choice = args.frontend.unwrap_or(if run.is_some() {
+        FrontendChoice::Preload
+    } else {
+        FrontendChoice::Auto
+    });
+    let node_paths: Vec<PathBuf> = drivers
+        .iter()
+        .map(|(row, _)| args.dev_root.join(row.node))
+        .collect();
+    let registry = match Frontend::choose(choice, &args.dev_root, args.preload_dir.as_deref()) {
         Ok(frontend) if args.no_unmount_guard => Arc::new(frontend),
         Ok(frontend) => Arc::new(with_unmount_guard(frontend)),
         Err(why) => {
@@ -185,7 +257,20 @@ fn serve(args: ServeArgs, options: clap::ArgMatches) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let environment = match &*registry {
+        Frontend::Preload(preload) => preload.environment(&node_paths),
+        _ => Vec::new(),
+    };
+    if run.is_none() && !environment.is_empty() {
+        let line: Vec<String> = environment
+            .iter()
+            .map(|(k, v)| format!("{k}='{v}'"))
+            .collect();
+        info!("preload: start clients with {}", line.join(" "));
+    }
     let client = BusClient::new(args.host, drivers, registry.clone());
+    let first_offers = client.first_offers();
+    let child = Arc::new(run::Child::default());
     let (done_tx, done_rx) = std::sync::mpsc::channel::<ExitCode>();
     let bus_done = done_tx.clone();
     let started = thread::Builder::new()
@@ -203,12 +288,40 @@ fn serve(args: ServeArgs, options: clap::ArgMatches) -> ExitCode {
         .and_then(|_| {
             thread::Builder::new()
                 .name("stop-signals".to_owned())
-                .spawn(move || {
-                    if let Ok(signal) = stop_signals.wait() {
+                .spawn({
+                    let child = child.clone();
+                    let done_tx = done_tx.clone();
+                    move || loop {
+                        let Ok(signal) = stop_signals.wait() else {
+                            let _ = done_tx.send(ExitCode::FAILURE);
+                            return;
+                        };
+                        // With a command running, it decides when we stop: pass it on.
+                        if child.forward(signal) {
+                            info!("{signal}: passed on to the command");
+                            continue;
+                        }
                         info!("{signal}: stopping");
+                        let _ = done_tx.send(ExitCode::SUCCESS);
+                        return;
                     }
-                    let _ = done_tx.send(ExitCode::SUCCESS);
                 })
+        })
+        .and_then(|_| match run {
+            Some(command) => thread::Builder::new()
+                .name("run-command".to_owned())
+                .spawn(move || {
+                    let code = run::run(
+                        &command.argv,
+                        &environment,
+                        &first_offers,
+                        command.ready_timeout,
+                        &child,
+                    );
+                    let _ = done_tx.send(code);
+                })
+                .map(drop),
+            None => Ok(()),
         });
     let code = match started {
         Ok(_) => done_rx.recv().unwrap_or(ExitCode::FAILURE),

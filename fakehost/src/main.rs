@@ -27,13 +27,16 @@ use fakehost::serve::{self, HostConfig, RunningHost, SERVICES};
 #[derive(Debug, Parser)]
 #[command(name = "fakehost", version, propagate_version = true)]
 struct Cli {
-    /// The control socket of `fakehost serve` [env: FAKEHOST_CONTROL]
+    /// The control socket of `fakehost serve`: /run/cusedev/fakehost.ctl for root, else
+    /// $XDG_RUNTIME_DIR/cusedev/fakehost.ctl when XDG_RUNTIME_DIR is set (a user cannot make
+    /// /run/cusedev), so `serve` and the other commands of one user agree [env:
+    /// FAKEHOST_CONTROL]
     #[arg(
         long,
         global = true,
         env = "FAKEHOST_CONTROL",
         hide_env = true,
-        default_value = "/run/cusedev/fakehost.ctl",
+        default_value_os_t = default_control_socket(),
         value_name = "PATH"
     )]
     control: PathBuf,
@@ -111,6 +114,17 @@ fn service_parser() -> PossibleValuesParser {
     )
 }
 
+/// See `Cli::control`.
+fn default_control_socket() -> PathBuf {
+    let runtime = std::env::var_os("XDG_RUNTIME_DIR").filter(|dir| !dir.is_empty());
+    match runtime {
+        Some(dir) if !nix::unistd::geteuid().is_root() => {
+            PathBuf::from(dir).join("cusedev/fakehost.ctl")
+        }
+        _ => PathBuf::from("/run/cusedev/fakehost.ctl"),
+    }
+}
+
 fn main() -> ExitCode {
     // The derived command plus every service's own subcommands and `serve` options.
     let mut command = Cli::command().mut_subcommand("serve", fakehost::serve::with_serve_options);
@@ -121,7 +135,7 @@ fn main() -> ExitCode {
     let control = matches
         .get_one::<PathBuf>("control")
         .cloned()
-        .unwrap_or_else(|| PathBuf::from("/run/cusedev/fakehost.ctl"));
+        .unwrap_or_else(default_control_socket);
     for cli in SERVICES.iter().filter_map(|row| row.cli) {
         if let Some(code) = (cli.run)(&matches, &control) {
             return code;

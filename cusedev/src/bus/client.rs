@@ -32,6 +32,7 @@ use vmbus::guid::Guid;
 use vmbus::stream::{kind, Hello, Role};
 
 use super::channel::{ChannelDriver, HostChannel, InboundPacket, InboundRing};
+use super::first_offers::FirstOffers;
 use super::frame_io::{read_frame, write_frame, FrameError};
 use crate::device::Device;
 use crate::table::{BusClass, DriverRow, Drivers, ProbeError, Profile};
@@ -101,6 +102,7 @@ pub struct BusClient {
     addr: BusAddress,
     drivers: Arc<Drivers>,
     registry: Arc<dyn DeviceRegistry>,
+    first_offers: Arc<FirstOffers>,
 }
 
 /// A bound channel: its row, its driver, its node name, its stream.
@@ -123,6 +125,7 @@ struct Session {
     addr: BusAddress,
     drivers: Arc<Drivers>,
     registry: Arc<dyn DeviceRegistry>,
+    first_offers: Arc<FirstOffers>,
     control: Mutex<BusStream>,
     pending_opens: Mutex<HashMap<u32, mpsc::Sender<u32>>>,
     channels: Mutex<HashMap<u32, BoundChannel>>,
@@ -137,7 +140,13 @@ impl BusClient {
             addr,
             drivers: Arc::new(drivers),
             registry,
+            first_offers: Arc::default(),
         }
+    }
+
+    /// Says when the host's first offers are bound (`cusedev run` waits for it).
+    pub fn first_offers(&self) -> Arc<FirstOffers> {
+        self.first_offers.clone()
     }
 
     /// Serves the bus for as long as the process lives: connects (waiting for the host if it
@@ -185,6 +194,7 @@ impl BusClient {
             addr: self.addr.clone(),
             drivers: self.drivers.clone(),
             registry: self.registry.clone(),
+            first_offers: self.first_offers.clone(),
             control: Mutex::new(stream.try_clone().map_err(|source| BusError::Connect {
                 addr: self.addr.clone(),
                 source,
@@ -240,7 +250,10 @@ impl Session {
                     child_relid,
                     ..
                 } => self.on_offer(if_type, if_instance, child_relid),
-                ChannelMessage::AllOffersDelivered => debug!("host: all offers delivered"),
+                ChannelMessage::AllOffersDelivered => {
+                    debug!("host: all offers delivered");
+                    self.first_offers.all_delivered();
+                }
                 ChannelMessage::OpenResult {
                     child_relid,
                     status,
@@ -316,6 +329,7 @@ impl Session {
         // Opening waits for OPENCHANNEL_RESULT, which this thread's caller (the control loop)
         // delivers: do it on a thread of its own.
         let session = self.clone();
+        self.first_offers.bind_started();
         let spawned = thread::Builder::new()
             .name(format!("bind-{child_relid}"))
             .spawn(move || {
@@ -325,8 +339,10 @@ impl Session {
                         row.name
                     );
                 }
+                session.first_offers.bind_ended();
             });
         if let Err(e) = spawned {
+            self.first_offers.bind_ended();
             // Nothing is open yet, so nothing to undo: the offer stays unbound, as a channel
             // whose probe failed stays in the kernel; a rescind and a new offer try again.
             error!(

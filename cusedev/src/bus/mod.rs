@@ -3,6 +3,7 @@
 
 pub mod channel;
 pub mod client;
+pub mod first_offers;
 pub mod frame_io;
 pub mod requestor;
 pub mod socket;
