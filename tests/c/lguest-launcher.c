@@ -32,7 +32,8 @@
  * their own, as the original Launcher's did. They share this process's memory but were never
  * set up by the C library as threads: they share the main thread's thread-local storage
  * (errno, stdio's lock owner, malloc's arena). So service code calls no libc function that
- * keeps state: it makes system calls through sys5() below, which leaves errno alone.
+ * keeps state: it makes system calls through sys5() below, which leaves errno alone
+ * (--libc-irq makes their one device call, the interrupt, through libc instead).
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -151,6 +152,12 @@ static const char *device = "/dev/lguest";
  * instead of pwrite(2) at offset 0. On a FUSE file the kernel advances the position by what a
  * write returns (INITIALIZE returns 3·W), so later plain writes carry offset 3·W: cpu 12 or 24. */
 static int plain_write;
+/* --libc-irq: service processes raise interrupts through libc's pwrite/write, as v3.10's
+ * Launcher did (Documentation/virtual/lguest/lguest.c, v3.10: trigger_irq calls libc's
+ * write(2) from the clone'd service), instead of sys5().
+ * An LD_PRELOAD library sees only calls made through libc (docs/preload.md); the default
+ * raw system call would reach its descriptor, a socket, and fail with ESPIPE. */
+static int libc_irq;
 static char **saved_argv;
 static pid_t launcher_pid;
 
@@ -559,6 +566,12 @@ static void stop_services(void)
 static long raise_irq(int fd, word irq)
 {
 	word req[2] = {LHREQ_IRQ, irq};
+	if (libc_irq) {
+		/* errno is the main thread's too (see "A word on processes"): read at once, and
+		 * only on failure, as the 3.x Launcher's err() did. */
+		long r = plain_write ? write(fd, req, sizeof(req)) : pwrite(fd, req, sizeof(req), 0);
+		return r < 0 ? -errno : r;
+	}
 	if (plain_write)
 		return sys_write(fd, req, sizeof(req));
 	return sys_pwrite(fd, req, sizeof(req), 0);
@@ -1807,7 +1820,7 @@ static int cmd_bench(double seconds, int use_eventfd)
 /* ---------------------------------------------------------------- main */
 
 static const char USAGE[] =
-	"usage: lguest-launcher [--dev PATH] [--plain-write] SUBCOMMAND ...\n"
+	"usage: lguest-launcher [--dev PATH] [--plain-write] [--libc-irq] SUBCOMMAND ...\n"
 	"\n"
 	"A Launcher for /dev/lguest as in Linux 3.x (LHREQ_INITIALIZE / IRQ / EVENTFD), built\n"
 	"with a word of %ld bytes. The Guest is whatever the device serves: cusedev's tests\n"
@@ -1818,6 +1831,9 @@ static const char USAGE[] =
 	"  --plain-write   send cpu-0 requests with write(2) at the file position, as the 3.x\n"
 	"                  Launcher did, instead of pwrite(2) at offset 0 (on a FUSE file the\n"
 	"                  kernel moves the position by each write's result: expect cpu EINVAL)\n"
+	"  --libc-irq      service processes raise interrupts with libc's pwrite (or write),\n"
+	"                  as the 3.x Launcher's did, instead of raw system calls (which an\n"
+	"                  LD_PRELOAD library such as cusedev's preload frontend cannot see)\n"
 	"  --help          this text\n"
 	"\n"
 	"Subcommands:\n"
@@ -1872,6 +1888,8 @@ int main(int argc, char **argv)
 			help();
 		else if (!strcmp(argv[i], "--plain-write"))
 			plain_write = 1;
+		else if (!strcmp(argv[i], "--libc-irq"))
+			libc_irq = 1;
 		else if (!strcmp(argv[i], "--dev") && i + 1 < argc)
 			device = argv[++i];
 		else if (!strcmp(argv[i], "--dev"))

@@ -382,21 +382,30 @@ pub fn dir_args(dir: &Path, pairs: &[(String, String)]) -> Vec<String> {
     args
 }
 
-/// Starts `fakehost serve` on `dir`'s bus and control sockets and waits until it listens.
-fn spawn_host(dir: &Path, host_args: &[&str]) -> Supervised {
-    let host = Supervised::spawn(
-        "fakehost",
-        Command::new(workspace_binary("fakehost"))
-            .arg("serve")
-            .arg("--listen")
-            .arg(format!("unix:{}", dir.join("bus.sock").display()))
-            .arg("--control")
-            .arg(dir.join("ctl.sock"))
-            .args(host_args)
-            .env("RUST_LOG", "info"),
-    );
+/// `fakehost serve` on `dir`'s bus and control sockets, not started yet.
+pub fn host_command(dir: &Path, host_args: &[&str]) -> Command {
+    let mut command = Command::new(workspace_binary("fakehost"));
+    command
+        .arg("serve")
+        .arg("--listen")
+        .arg(format!("unix:{}", dir.join("bus.sock").display()))
+        .arg("--control")
+        .arg(dir.join("ctl.sock"))
+        .args(host_args)
+        .env("RUST_LOG", "info");
+    command
+}
+
+/// Starts `command` (a [`host_command`]) and waits until the host listens.
+pub fn start_host(command: &mut Command) -> Supervised {
+    let host = Supervised::spawn("fakehost", command);
     host.wait_for_log("listening");
     host
+}
+
+/// Starts `fakehost serve` on `dir`'s bus and control sockets and waits until it listens.
+fn spawn_host(dir: &Path, host_args: &[&str]) -> Supervised {
+    start_host(&mut host_command(dir, host_args))
 }
 
 /// Mounts a tmpfs of `size` (e.g. "64m") at `dir` inside the caller's mount namespace.

@@ -12,6 +12,7 @@ pub mod fcopy_guest;
 pub mod harness;
 pub mod kvp;
 pub mod lguest_launcher;
+pub mod preload;
 pub mod qemu;
 pub mod scripted_host;
 pub mod syscalls;

@@ -127,7 +127,14 @@ fn blocked_read_interrupted_by_a_signal_is_eintr(probe: &Probe) -> Result<(), St
         let dev = dev.clone();
         Blocking::spawn(move || dev.pread(8192))
     };
-    reader.wait_blocked_in_read();
+    // Asleep in the driver: in read/pread64 on a CUSE or FUSE node, in poll(2) inside the
+    // preload library, which waits there for the device's answer (docs/preload.md).
+    reader.wait_blocked_in(&[
+        libc::SYS_read,
+        libc::SYS_pread64,
+        libc::SYS_poll,
+        libc::SYS_ppoll,
+    ]);
     reader.signal();
     expect("interrupted read", reader.join(), Err(Errno::EINTR))
 }
