@@ -91,7 +91,8 @@ starts see the devices at their usual paths (/dev/vmbus/hv_fcopy, ...); nothing 
 machine does. When COMMAND exits, cusedev stops and exits with its status (128+N if a signal
 N ended it). SIGINT and SIGTERM sent to cusedev are passed on to COMMAND.
 
-What differs from a kernel device is listed in the README (\"The preload frontend\");
+The other options are serve's; `cusedev serve --help` says which --kernel profile to choose.
+What differs from a kernel device is listed in the README (\"With the preload frontend\");
 docs/preload.md has the design.";
 
 const RUN_EXAMPLES: &str = "\

@@ -621,3 +621,41 @@ fn in_a_user_namespace_as_its_root_auto_still_picks_preload_and_a_forked_child_k
         "{stdout}"
     );
 }
+
+/// `cusedev run`'s own exit status is the command's, as a shell reports it: its code, 128 + N
+/// for a signal N, 127 for a command that is not there; and a missing command is a usage
+/// error. No host is needed for that (`--ready-timeout 0` starts the command at once).
+#[test]
+fn cusedev_run_exits_with_the_commands_status_as_a_shell_would() {
+    let dir = nobody_scratch_dir("pl-run-status");
+    let run = |command: &[&str]| {
+        Command::new(workspace_binary("cusedev"))
+            .args(["run", "--host"])
+            .arg(format!("unix:{}", dir.join("no-host.sock").display()))
+            .arg("--preload-dir")
+            .arg(dir.join("run"))
+            .args(["--ready-timeout", "0", "--"])
+            .args(command)
+            .env("RUST_LOG", "warn")
+            .output()
+            .expect("cusedev run")
+    };
+    assert_eq!(run(&["sh", "-c", "exit 7"]).status.code(), Some(7));
+    assert_eq!(run(&["sh", "-c", "kill -TERM $$"]).status.code(), Some(143));
+    let missing = run(&["/nonexistent/command"]);
+    assert_eq!(missing.status.code(), Some(127));
+    assert!(
+        String::from_utf8_lossy(&missing.stderr).contains("cannot start /nonexistent/command"),
+        "{}",
+        String::from_utf8_lossy(&missing.stderr)
+    );
+    assert!(
+        !dir.join("run").join("preload.sock").exists(),
+        "the run directory is cleaned up"
+    );
+    let usage = Command::new(workspace_binary("cusedev"))
+        .arg("run")
+        .output()
+        .expect("cusedev run");
+    assert_eq!(usage.status.code(), Some(2), "no command is a usage error");
+}
