@@ -955,7 +955,13 @@ impl Kernel {
             return;
         };
         let _ = self.epoll.delete(&call.socket);
-        let conn_id = call.conn;
+        self.call_left_file(state, call.conn);
+    }
+
+    /// One call on the file of connection `conn_id` is over: a file whose last descriptor
+    /// closed while calls ran is released after the last of them, as the kernel's `fput`
+    /// of the syscall's reference would.
+    fn call_left_file(&self, state: &mut State, conn_id: u64) {
         let mut release = None;
         if let Some(conn) = state.conns.get_mut(&conn_id) {
             if let Some(file) = conn.file.as_mut() {
@@ -1130,19 +1136,7 @@ impl Kernel {
                 state.watches.entry(call.conn).or_default().push(watch);
                 state.watch_sockets.insert(watch, (call.conn, call.socket));
             }
-            let conn_id = call.conn;
-            let mut release = None;
-            if let Some(conn) = state.conns.get_mut(&conn_id) {
-                if let Some(file) = conn.file.as_mut() {
-                    file.calls = file.calls.saturating_sub(1);
-                    if file.calls == 0 && conn.ended {
-                        release = Some((file.device, file.fh, file.flags));
-                    }
-                }
-            }
-            if let Some((device, fh, flags)) = release {
-                self.release(state, conn_id, device, fh, flags);
-            }
+            self.call_left_file(state, call.conn);
             return;
         }
         self.end_call(state, id);

@@ -527,3 +527,68 @@ fn a_file_shared_with_a_forked_child_is_released_after_both_close() {
     assert!(rig.toy.wait_until(|s| s.releases == 1));
     let _ = UnixStream::pair();
 }
+
+#[test]
+fn garbage_short_and_oversized_messages_are_refused_and_lose_nothing() {
+    let rig = Rig::new("garbage");
+    // Too short for a header, on a connection that is not a file yet: ignored.
+    let fd = rig.connect();
+    sendmsg::<UnixAddr>(
+        fd.as_raw_fd(),
+        &[IoSlice::new(&[1, 2, 3])],
+        &[],
+        MsgFlags::empty(),
+        None,
+    )
+    .unwrap();
+    // A well-formed header with an opcode no open starts with: EINVAL.
+    send_request(&fd, Opcode::READ, 8, &read_in(1), None);
+    assert_eq!(receive_reply(&fd).0, -(Errno::EINVAL as i32));
+    // An OPEN whose name has no terminator: EINVAL.
+    let fd = rig.connect();
+    let mut body = OpenIn::default().as_bytes().to_vec();
+    body.extend_from_slice(b"test/toy");
+    send_request(&fd, Opcode::OPEN, 1, &body, None);
+    assert_eq!(receive_reply(&fd).0, -(Errno::EINVAL as i32));
+
+    let file = rig.open("test/toy").unwrap();
+    // Longer than any request the kernel sends: refused; its call socket is closed unanswered.
+    let (a, b) = wire::seqpacket_pair(false).unwrap();
+    let oversized = request(
+        Opcode::WRITE,
+        3,
+        &vec![0u8; super::kernel::MAX_MESSAGE + 4096],
+        0,
+    );
+    let fds = [b.as_raw_fd()];
+    sendmsg::<UnixAddr>(
+        file.as_raw_fd(),
+        &[IoSlice::new(&oversized)],
+        &[ControlMessage::ScmRights(&fds)],
+        MsgFlags::empty(),
+        None,
+    )
+    .unwrap();
+    drop(b);
+    assert!(readable(&a, WAIT));
+    let mut byte = [0u8; 1];
+    assert_eq!(
+        nix::unistd::read(a.as_raw_fd(), &mut byte),
+        Ok(0),
+        "closed, not answered"
+    );
+    // Garbage on a call socket while its read sleeps: ignored; the read is still answered.
+    let sleeper = start_call(&file, Opcode::READ, 9, &read_in(4));
+    assert!(rig.toy.wait_until(|s| s.readers.waiting() == 1));
+    sendmsg::<UnixAddr>(
+        sleeper.as_raw_fd(),
+        &[IoSlice::new(&[0xff; 7])],
+        &[],
+        MsgFlags::empty(),
+        None,
+    )
+    .unwrap();
+    let writer = rig.open("test/toy").unwrap();
+    assert_eq!(call(&writer, Opcode::WRITE, &write_in(b"safe")).0, 0);
+    assert_eq!(receive_reply(&sleeper), (0, b"safe".to_vec()));
+}
